@@ -1,0 +1,102 @@
+"""Helpers for testing Triton kernels without a GPU.
+
+The interpreter (TRITON_INTERPRET=1) runs kernels on the CPU but accepts code
+that the GPU compiler rejects (tl.dot shapes under 16, mixed operand dtypes).
+`compile_for_gpu` compiles a kernel to PTX and cubin for an NVIDIA
+architecture through `triton.compile`, which needs no GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_TRITON_DTYPES = {
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float32: "fp32",
+    torch.float64: "fp64",
+    torch.int8: "i8",
+    torch.int16: "i16",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+}
+
+
+def _jit_function(kernel: Any) -> Any:
+    """The JITFunction behind autotune/heuristics wrappers (and the interpreter's)."""
+    from triton.runtime.jit import JITFunction
+
+    wrapped = kernel
+    while not isinstance(kernel, JITFunction):
+        if hasattr(kernel, "fn"):
+            kernel = kernel.fn
+        elif callable(kernel) and kernel is not wrapped:
+            # Under TRITON_INTERPRET=1, @triton.jit wraps the plain function instead.
+            return JITFunction(kernel)
+        else:
+            raise TypeError(f"{wrapped!r} is not a Triton kernel")
+    return kernel
+
+
+def _arg_type(name: str, value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "*" + _TRITON_DTYPES[value.dtype]
+    if isinstance(value, str) and value.startswith(("*", "i", "u", "fp", "bf")):
+        return value  # an explicit Triton type such as "*fp32" or "i64"
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"argument {name}: cannot infer a Triton type from {type(value).__name__}")
+
+
+def compile_for_gpu(
+    kernel: Any,
+    args: dict[str, Any],
+    arch: int = 90,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> Any:
+    """Compiles `kernel` for sm_`arch` and returns the compiled kernel (its .asm holds ptx and cubin).
+
+    Args:
+        kernel: a @triton.jit function (autotune/heuristics wrappers are unwrapped).
+        args: every parameter by name: a tensor (its dtype gives the pointer type),
+            a Python int/float/bool, or an explicit Triton type string ("*fp32", "i64");
+            constexpr parameters take their value.
+        arch: compute capability times ten (80 for A100, 90 for H100/H200).
+
+    Raises:
+        triton.compiler.CompilationError (or another compiler error) if the GPU compiler rejects it.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = _jit_function(kernel)
+    missing = [p.name for p in fn.params if p.name not in args]
+    if missing:
+        raise ValueError(f"compile_for_gpu: no value for parameter(s) {missing} of {fn.__name__}")
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        value = args[p.name]
+        if p.is_constexpr:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = value
+        else:
+            signature[p.name] = _arg_type(p.name, value)
+    source = ASTSource(fn, signature, constexprs)
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": num_warps, "num_stages": num_stages},
+    )
+    if "cubin" not in compiled.asm:
+        raise RuntimeError(f"compile_for_gpu: no cubin produced for {fn.__name__} on sm_{arch}")
+    return compiled
