@@ -27,16 +27,12 @@ void solve_batch_cpu(const at::Tensor& cost, bool maximize, at::Tensor& index, a
   // without paying thread start-up for tiny batches.
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, int64_t(nr) * nc));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> real_buf(nr + 2 * size_t(nc));
-    std::vector<int32_t> int_buf(3 * size_t(nc) + nr);
-    std::vector<uint8_t> seen_buf(size_t(nr) + nc);
-    AssignWorkspace<acc_t> w{real_buf.data(),         real_buf.data() + nr,
-                             real_buf.data() + nr + nc, int_buf.data(),
-                             int_buf.data() + nc,     int_buf.data() + 2 * nc,
-                             int_buf.data() + 2 * nc + nr, seen_buf.data(),
-                             seen_buf.data() + nr};
+    std::vector<acc_t> real_buf(assign_real_scratch(nr, nc));
+    std::vector<int32_t> int_buf(assign_int_scratch(nr, nc));
+    std::vector<uint8_t> byte_buf(assign_byte_scratch(nr, nc));
+    const auto w = assign_workspace<acc_t>(real_buf.data(), int_buf.data(), byte_buf.data(), nr, nc);
     for (int64_t b = begin; b < end; ++b) {
-      status_ptr[b] = solve_assignment<scalar_t, acc_t, int64_t>(
+      status_ptr[b] = load_and_solve<scalar_t, acc_t, int64_t>(
           cost_ptr + b * sb, sq, st, nr, nc, maximize, w, index_ptr + b * nr, 1);
     }
   });

@@ -20,13 +20,10 @@ __global__ void hungarian_thread_kernel(const scalar_t* __restrict__ cost, int64
                                         uint8_t* seen_ws, int64_t* index, int32_t* status) {
   const int64_t b = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (b >= batch) return;
-  acc_t* real = real_ws + b * (nr + 2 * int64_t(nc));
-  int32_t* ints = int_ws + b * (3 * int64_t(nc) + nr);
-  uint8_t* seen = seen_ws + b * (int64_t(nr) + nc);
-  AssignWorkspace<acc_t> w{real,        real + nr,          real + nr + nc,
-                           ints,        ints + nc,          ints + 2 * nc,
-                           ints + 2 * nc + nr, seen,        seen + nr};
-  status[b] = solve_assignment<scalar_t, acc_t, int64_t>(cost + b * sb, sq, st, nr, nc, maximize, w,
+  const auto w = assign_workspace<acc_t>(real_ws + b * assign_real_scratch(nr, nc),
+                                         int_ws + b * assign_int_scratch(nr, nc),
+                                         seen_ws + b * assign_byte_scratch(nr, nc), nr, nc);
+  status[b] = load_and_solve<scalar_t, acc_t, int64_t>(cost + b * sb, sq, st, nr, nc, maximize, w,
                                                         index + b * nr, 1);
 }
 
@@ -46,9 +43,9 @@ std::tuple<at::Tensor, at::Tensor> hungarian_cuda(const at::Tensor& cost, bool m
   auto opts = cost.options();
   AT_DISPATCH_FLOATING_TYPES(cost.scalar_type(), "hungarian_cuda", [&] {
     using acc_t = double;
-    auto real_ws = at::empty({batch * (nr + 2 * int64_t(nc))}, opts.dtype(at::kDouble));
-    auto int_ws = at::empty({batch * (3 * int64_t(nc) + nr)}, opts.dtype(at::kInt));
-    auto seen_ws = at::empty({batch * (int64_t(nr) + nc)}, opts.dtype(at::kByte));
+    auto real_ws = at::empty({batch * assign_real_scratch(nr, nc)}, opts.dtype(at::kDouble));
+    auto int_ws = at::empty({batch * assign_int_scratch(nr, nc)}, opts.dtype(at::kInt));
+    auto seen_ws = at::empty({batch * assign_byte_scratch(nr, nc)}, opts.dtype(at::kByte));
     const int threads = 64;
     const int64_t blocks = (batch + threads - 1) / threads;
     hungarian_thread_kernel<scalar_t, acc_t>

@@ -159,3 +159,10 @@ def test_cuda_infeasible_and_maximize():
     cost[3, :, 2] = float("inf")
     with pytest.raises(ValueError, match="problem 3"):
         sk.hungarian_match(cost)
+
+
+@pytest.mark.parametrize("k", [2, 3, 6, 12])
+def test_many_small_square_problems(rng_seed, k):
+    """Exercises the Jonker-Volgenant start (column reduction, row reduction) on ties and floats."""
+    check_optimal(torch.randint(0, 5, (400, k, k)).double())
+    check_optimal(torch.rand(400, k, k))

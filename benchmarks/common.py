@@ -1,0 +1,96 @@
+"""Timing and result-figure helpers shared by the benchmark modules.
+
+Every speed figure is a ratio of two medians measured in the same process: ours
+against a baseline, or ours against the memory floor at the copy bandwidth
+measured in the same run (DESIGN.md section 6).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    warmup: int = 3,
+    rep: int = 20,
+    max_seconds: float = 5.0,
+) -> float:
+    """Median wall time of fn() in milliseconds; CUDA events on a GPU, perf_counter on the CPU."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(rep):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        nbytes = min(nbytes, 1 << 26)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, warmup=3, rep=10)
+    return 2 * src.numel() * 4 / (ms * 1e-3) / 1e9
+
+
+def vs_baseline(name: str, ours_ms: float, baseline: str, baseline_ms: float, **extra) -> dict:
+    return {
+        "name": name,
+        "ours_ms": round(ours_ms, 6),
+        "baseline": baseline,
+        "baseline_ms": round(baseline_ms, 6),
+        "speedup": round(baseline_ms / ours_ms, 3),
+        **extra,
+    }
+
+
+def vs_floor(name: str, ours_ms: float, floor_bytes: int, bandwidth_gbs: float, **extra) -> dict:
+    floor_ms = floor_bytes / (bandwidth_gbs * 1e9) * 1e3
+    return {
+        "name": name,
+        "ours_ms": round(ours_ms, 6),
+        "floor_ms": round(floor_ms, 6),
+        "bandwidth_fraction": round(floor_ms / ours_ms, 4),
+        **extra,
+    }
+
+
+def reported(name: str, ours_ms: float | None = None, **values) -> dict:
+    """A figure that is reported, not compared (a quality fraction, a scaling curve)."""
+    out: dict = {"name": name}
+    if ours_ms is not None:
+        out["ours_ms"] = round(ours_ms, 6)
+    out.update(values)
+    return out
+
+
+def bench_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
