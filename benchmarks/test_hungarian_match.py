@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -48,9 +50,9 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
         if quick:
             batch = min(batch, 16)
         cost = _cost(batch, k, device)
-        ours = median_ms(lambda: sk.hungarian_match(cost), device)
+        ours = median_ms(partial(sk.hungarian_match, cost), device)
         # The scipy baseline includes the device-to-host copy.
-        base = median_ms(lambda: hungarian_scipy(cost), device, warmup=1, rep=5)
+        base = median_ms(partial(hungarian_scipy, cost), device, warmup=1, rep=5)
         out.append(vs_baseline(f"{prefix}/B{batch}_K{k}", ours, "scipy_loop", base))
     # Sanity: the timed solver is exact on this input.
     cost = _cost(8, 16, device)
