@@ -29,7 +29,9 @@ def _timed(fn):
 def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    print(f"stellar_kernels on {device} (torch {torch.__version__}, CUDA extension built: {cuda_extension_built()})")
+    print(
+        f"stellar_kernels on {device} (torch {torch.__version__}, CUDA extension built: {cuda_extension_built()})"
+    )
     failures = 0
 
     def report(name: str, ok: bool, ms: float, detail: str) -> None:
@@ -49,9 +51,16 @@ def main() -> int:
 
     pred, target = torch.randn(64, 16, 96, device=device), torch.randn(8, 16, 96, device=device)
     (index_t, _), ms = _timed(lambda: sk.match_tokens(pred, target))
-    expected = sk.sinkhorn_match(torch.cdist(pred, target.repeat_interleave(8, 0)), backend="torch").index
+    expected = sk.sinkhorn_match(
+        torch.cdist(pred, target.repeat_interleave(8, 0)), backend="torch"
+    ).index
     agree = (index_t == expected).float().mean().item()
-    report("match_tokens", agree > 0.99, ms, f"8 images x 8 views, {agree:.1%} indices equal to cdist+sinkhorn")
+    report(
+        "match_tokens",
+        agree > 0.99,
+        ms,
+        f"8 images x 8 views, {agree:.1%} indices equal to cdist+sinkhorn",
+    )
 
     scores = torch.randn(512, 2048, device=device) / 0.06
     q, ms = _timed(lambda: sk.sinkhorn_knopp(scores))
@@ -62,12 +71,22 @@ def main() -> int:
     values = torch.randn(8, 16, 128, device=device)
     (spatial, lowrank), ms = _timed(lambda: sk.factorize(dense, sparse, values, 0.06))
     err = (spatial.sum(-1) - 1).abs().max().item()
-    report("factorize", err < 1e-4, ms, f"8 x 196 patches x 16 tokens, softmax rows sum to 1 within {err:.1e}")
+    report(
+        "factorize",
+        err < 1e-4,
+        ms,
+        f"8 x 196 patches x 16 tokens, softmax rows sum to 1 within {err:.1e}",
+    )
 
     index_h, ms = _timed(lambda: sk.hungarian_match(cost))
     ours = cost.gather(2, index_h.unsqueeze(-1)).sum().item()
     best = sum(p[linear_sum_assignment(p)].sum() for p in cost.double().cpu().numpy())
-    report("hungarian_match", abs(ours - best) < 1e-4, ms, f"64 problems 16x16, total {ours:.4f} vs scipy {best:.4f}")
+    report(
+        "hungarian_match",
+        abs(ours - best) < 1e-4,
+        ms,
+        f"64 problems 16x16, total {ours:.4f} vs scipy {best:.4f}",
+    )
     return 1 if failures else 0
 
 
