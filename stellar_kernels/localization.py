@@ -2,17 +2,47 @@
 
 spatial[b, n, k] = softmax_k(cos(dense[b, n], sparse[b, k]) / temperature)
 lowrank[b] = spatial[b] @ values[b]
+
+Three layers, all in this file:
+
+* the PyTorch reference (`localization_reference`, `factorize_reference`);
+* fused Triton kernels: one forward kernel per (image, block of patches) that
+  streams `dense` and `sparse` over d, normalizes, applies the softmax over K
+  in registers and streams `values` over D; one backward kernel per (image,
+  run of patch blocks) that writes the dense gradient and per-program partial
+  sums for the sparse and values gradients, and a small kernel that adds the
+  partials in a fixed order (no atomics: results are bitwise reproducible);
+* `torch.library` custom ops around them (fake implementations and the
+  autograd formula), so that `torch.compile(fullgraph=True)` traces through.
+
+The Triton path covers float16, bfloat16 and float32 inputs of one dtype with
+K <= 64 (float32 accumulation; float32 dots use IEEE precision, not TF32).
+float64 inputs, mixed dtypes, K > 64 and empty inputs use the PyTorch reference.
 """
 
-from __future__ import annotations
+import types
 
 import torch
 
-from ._backend import resolve_backend
+from ._backend import resolve_backend, triton_interpreting
 from ._validation import check_positive, check_same_device, check_tensor
 
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # the package imports without triton; the Triton backend is then unavailable
+    HAS_TRITON = False
+    triton = types.SimpleNamespace(jit=lambda fn: fn)
+    tl = types.SimpleNamespace(constexpr=None)
+
 LOC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-NORM_EPS = 1e-7  # L2-normalize eps of the reference code
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+NORM_EPS = 1e-7  # L2-normalize eps of the reference code (also written into the kernels)
+MAX_TRITON_K = 64
+
+# ----------------------------------------------------------------------------- reference
 
 
 def l2_normalize(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
@@ -37,6 +67,681 @@ def factorize_reference(
     return spatial, lowrank
 
 
+# ----------------------------------------------------------------------------- Triton kernels
+#
+# Dots: MODE 0 is float32 (IEEE dots); MODE 1 bfloat16, MODE 2 float16 (tensor-core
+# dots with float32 accumulation). Dots of two loaded operands are exact products in
+# every mode. A dot of a float32 value computed in the kernel (a gradient) with a loaded
+# operand splits the float32 value into a bfloat16 high and low part (16 significant
+# bits, float32 range, so a huge gradient of a near-zero row neither overflows nor turns
+# into inf * 0 = NaN); for float16 the loaded operand is split the same way (exactly).
+
+
+@triton.jit
+def _mma(a, b, acc, INTERPRET: tl.constexpr):
+    """acc + a @ b for half operands; the interpreter (whose bfloat16 dot is wrong) gets the
+    same exact products in float32."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dot(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + a @ b for two operands of the input dtype."""
+    if MODE == 0:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return _mma(a, b, acc, INTERPRET)
+
+
+@triton.jit
+def _dot_f32(x, y, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
+    """acc + x @ y for a float32 x and a y of the input dtype, accurate to ~float32."""
+    if MODE == 0:
+        return tl.dot(x, y, acc, input_precision="ieee")
+    else:
+        x_hi = x.to(tl.bfloat16)
+        x_lo = (x - x_hi.to(tl.float32)).to(tl.bfloat16)
+        if MODE == 1:
+            acc = _mma(x_hi, y, acc, INTERPRET)
+            return _mma(x_lo, y, acc, INTERPRET)
+        else:
+            y32 = y.to(tl.float32)
+            y_hi = y32.to(tl.bfloat16)
+            y_lo = (y32 - y_hi.to(tl.float32)).to(tl.bfloat16)
+            acc = _mma(x_hi, y_hi, acc, INTERPRET)
+            acc = _mma(x_lo, y_hi, acc, INTERPRET)
+            return _mma(x_hi, y_lo, acc, INTERPRET)
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
+    """x rounded to dtype to nearest even (the interpreter truncates float32 -> bfloat16)."""
+    if INTERPRET:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _softmax_rows(cos, kmask, temperature):
+    z = tl.where(kmask[None, :], cos / temperature, float("-inf"))
+    e = tl.exp(z - tl.max(z, axis=1)[:, None])
+    return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def _factorize_fwd_kernel(
+    dense_ptr,
+    sparse_ptr,
+    values_ptr,
+    spatial_ptr,
+    lowrank_ptr,
+    cos_ptr,
+    rnorm_ptr,
+    snorm_ptr,
+    N,
+    K,
+    d,
+    D,
+    n_blocks,
+    s_db,
+    s_dn,
+    s_dd,
+    s_sb,
+    s_sk,
+    s_sd,
+    s_vb,
+    s_vk,
+    s_vd,
+    temperature,
+    MODE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program: image b, patches [blk * BLOCK_N, (blk + 1) * BLOCK_N).
+
+    Writes spatial (B, N, K) and lowrank (B, N, D) in the input dtype, and for the
+    backward the float32 cosines (B, N, K) and the unclamped row norms of dense
+    (B, N) and sparse (B, K).
+    """
+    pid = tl.program_id(0)
+    b = (pid // n_blocks).to(tl.int64)
+    blk = pid % n_blocks
+    rows = (blk * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    kmask = ks < K
+    dense_rows = dense_ptr + b * s_db + rows[:, None] * s_dn
+    sparse_rows = sparse_ptr + b * s_sb + ks[:, None] * s_sk
+
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    dn2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    sn2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for j0 in range(0, d, BLOCK_D):
+        cj = j0 + cols
+        cmask = cj < d
+        a = tl.load(dense_rows + cj[None, :] * s_dd, rmask[:, None] & cmask[None, :], other=0.0)
+        s = tl.load(sparse_rows + cj[None, :] * s_sd, kmask[:, None] & cmask[None, :], other=0.0)
+        a32 = a.to(tl.float32)
+        s32 = s.to(tl.float32)
+        dn2 += tl.sum(a32 * a32, axis=1)
+        sn2 += tl.sum(s32 * s32, axis=1)
+        acc = _dot(a, tl.trans(s), acc, MODE, INTERPRET)
+    r_raw = tl.sqrt(dn2)
+    q_raw = tl.sqrt(sn2)
+    cos = acc / (tl.maximum(r_raw, 1e-7)[:, None] * tl.maximum(q_raw, 1e-7)[None, :])
+    p = _softmax_rows(cos, kmask, temperature)
+
+    nk = (b * N + rows)[:, None] * K + ks[None, :]
+    nkmask = rmask[:, None] & kmask[None, :]
+    spatial = _round(p, spatial_ptr.dtype.element_ty, INTERPRET)
+    tl.store(spatial_ptr + nk, spatial, mask=nkmask)
+    tl.store(cos_ptr + nk, cos, mask=nkmask)
+    tl.store(rnorm_ptr + b * N + rows, r_raw, mask=rmask)
+    tl.store(snorm_ptr + b * K + ks, q_raw, mask=kmask & (blk == 0))
+
+    # lowrank = spatial @ values with spatial rounded to the input dtype, as the reference
+    # (D = 0 without values).
+    values_rows = values_ptr + b * s_vb + ks[:, None] * s_vk
+    out_rows = lowrank_ptr + (b * N + rows)[:, None] * D
+    for j0 in range(0, D, BLOCK_D):
+        cj = j0 + cols
+        cmask = cj < D
+        v = tl.load(values_rows + cj[None, :] * s_vd, kmask[:, None] & cmask[None, :], other=0.0)
+        out = _dot(spatial, v, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), MODE, INTERPRET)
+        tl.store(
+            out_rows + cj[None, :],
+            _round(out, lowrank_ptr.dtype.element_ty, INTERPRET),
+            mask=rmask[:, None] & cmask[None, :],
+        )
+
+
+@triton.jit
+def _factorize_bwd_kernel(
+    dense_ptr,
+    sparse_ptr,
+    values_ptr,
+    cos_ptr,
+    rnorm_ptr,
+    snorm_ptr,
+    gspatial_ptr,
+    glowrank_ptr,
+    ddense_ptr,
+    dsparse_part_ptr,
+    dvalues_part_ptr,
+    h_part_ptr,
+    N,
+    K,
+    d,
+    D,
+    split,
+    blocks_per_program,
+    s_db,
+    s_dn,
+    s_dd,
+    s_sb,
+    s_sk,
+    s_sd,
+    s_vb,
+    s_vk,
+    s_vd,
+    s_gsb,
+    s_gsn,
+    s_gsk,
+    s_glb,
+    s_gln,
+    s_gld,
+    temperature,
+    has_gspatial,
+    MODE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """One program: image b, patch blocks [sp * bpp, (sp + 1) * bpp) with bpp = blocks_per_program.
+
+    With c the cosines, p = softmax(c / T), dp = g_lowrank @ values^T + g_spatial,
+    dc = p * (dp - sum_k p dp) / T, r and q the clamped norms of dense and sparse:
+      ddense_n  = (sum_k dc_nk s_k / q_k) / r_n - [|a_n| >= eps] a_n (sum_k dc_nk c_nk) / r_n^2
+      partials over this program's patches, added later in a fixed order:
+      dsparse_part_k = sum_n dc_nk a_n / r_n,  h_part_k = sum_n dc_nk c_nk,
+      dvalues_part_k = sum_n spatial_nk g_lowrank_n (spatial rounded to the input dtype).
+    """
+    pid = tl.program_id(0)
+    b = (pid // split).to(tl.int64)
+    sp = pid % split
+    part = b * split + sp
+    ks = tl.arange(0, BLOCK_K)
+    cols = tl.arange(0, BLOCK_D)
+    kmask = ks < K
+    q_raw = tl.load(snorm_ptr + b * K + ks, mask=kmask, other=1.0)
+    q = tl.maximum(q_raw, 1e-7)
+    sparse_rows = sparse_ptr + b * s_sb + ks[:, None] * s_sk
+    values_rows = values_ptr + b * s_vb + ks[:, None] * s_vk
+    dv_rows = dvalues_part_ptr + (part * K + ks)[:, None] * D
+    ds_rows = dsparse_part_ptr + (part * K + ks)[:, None] * d
+    h = tl.zeros((BLOCK_K,), dtype=tl.float32)
+
+    for it in range(0, blocks_per_program):
+        rows = ((sp * blocks_per_program + it) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rmask = rows < N
+        nkmask = rmask[:, None] & kmask[None, :]
+        nk = (b * N + rows)[:, None] * K + ks[None, :]
+        c = tl.load(cos_ptr + nk, mask=nkmask, other=0.0)
+        p = _softmax_rows(c, kmask, temperature)
+        accumulate = it > 0
+
+        # D = 0 without a lowrank gradient; has_gspatial = 0 without a spatial gradient.
+        gs_ptrs = gspatial_ptr + b * s_gsb + rows[:, None] * s_gsn + ks[None, :] * s_gsk
+        dp = tl.load(gs_ptrs, mask=nkmask & (has_gspatial != 0), other=0.0).to(tl.float32)
+        spatial_t = tl.trans(_round(p, dense_ptr.dtype.element_ty, INTERPRET))
+        gl_rows = glowrank_ptr + b * s_glb + rows[:, None] * s_gln
+        for j0 in range(0, D, BLOCK_D):
+            cj = j0 + cols
+            cmask = cj < D
+            gl = tl.load(gl_rows + cj[None, :] * s_gld, rmask[:, None] & cmask[None, :], other=0.0)
+            v = tl.load(
+                values_rows + cj[None, :] * s_vd, kmask[:, None] & cmask[None, :], other=0.0
+            )
+            dp = _dot(gl, tl.trans(v), dp, MODE, INTERPRET)
+            kcmask = kmask[:, None] & cmask[None, :]
+            dv = tl.load(dv_rows + cj[None, :], mask=kcmask & accumulate, other=0.0)
+            dv = _dot(spatial_t, gl, dv, MODE, INTERPRET)
+            tl.store(dv_rows + cj[None, :], dv, mask=kcmask)
+
+        dc = p * (dp - tl.sum(p * dp, axis=1)[:, None]) / temperature
+        dcc = dc * c
+        g = tl.sum(dcc, axis=1)
+        h += tl.sum(dcc, axis=0)
+        r_raw = tl.load(rnorm_ptr + b * N + rows, mask=rmask, other=1.0)
+        r = tl.maximum(r_raw, 1e-7)
+        radial = tl.where(r_raw >= 1e-7, g / (r * r), 0.0)
+        u = dc / q[None, :]
+        w_t = tl.trans(dc / r[:, None])
+
+        dense_rows = dense_ptr + b * s_db + rows[:, None] * s_dn
+        ddense_rows = ddense_ptr + (b * N + rows)[:, None] * d
+        for j0 in range(0, d, BLOCK_D):
+            cj = j0 + cols
+            cmask = cj < d
+            ncmask = rmask[:, None] & cmask[None, :]
+            a = tl.load(dense_rows + cj[None, :] * s_dd, ncmask, other=0.0)
+            s = tl.load(
+                sparse_rows + cj[None, :] * s_sd, kmask[:, None] & cmask[None, :], other=0.0
+            )
+            da = _dot_f32(u, s, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), MODE, INTERPRET)
+            da = da / r[:, None] - a.to(tl.float32) * radial[:, None]
+            tl.store(
+                ddense_rows + cj[None, :],
+                _round(da, ddense_ptr.dtype.element_ty, INTERPRET),
+                mask=ncmask,
+            )
+            kcmask = kmask[:, None] & cmask[None, :]
+            ds = tl.load(ds_rows + cj[None, :], mask=kcmask & accumulate, other=0.0)
+            ds = _dot_f32(w_t, a, ds, MODE, INTERPRET)
+            tl.store(ds_rows + cj[None, :], ds, mask=kcmask)
+    tl.store(h_part_ptr + part * K + ks, h, mask=kmask)
+
+
+@triton.jit
+def _factorize_bwd_reduce_kernel(
+    sparse_ptr,
+    snorm_ptr,
+    dsparse_part_ptr,
+    dvalues_part_ptr,
+    h_part_ptr,
+    dsparse_ptr,
+    dvalues_ptr,
+    K,
+    d,
+    D,
+    split,
+    s_sb,
+    s_sk,
+    s_sd,
+    INTERPRET: tl.constexpr,
+    BLOCK_F: tl.constexpr,
+):
+    """One program: token (b, k), features [f * BLOCK_F, (f + 1) * BLOCK_F).
+
+    Adds the backward's partials in program order and applies the normalization
+    Jacobian of sparse: dsparse_k = dshat_k / q_k - [|s_k| >= eps] s_k (sum_n dc_nk c_nk) / q_k^2.
+    """
+    bk = tl.program_id(0).to(tl.int64)
+    b = bk // K
+    k = bk % K
+    f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    q_raw = tl.load(snorm_ptr + bk)
+    q = tl.maximum(q_raw, 1e-7)
+    hsum = 0.0
+    ds = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_F,), dtype=tl.float32)
+    fd = f < d
+    fdd = f < D
+    for sp in range(0, split):
+        slot = (b * split + sp) * K + k
+        hsum += tl.load(h_part_ptr + slot)
+        ds += tl.load(dsparse_part_ptr + slot * d + f, mask=fd, other=0.0)
+        dv += tl.load(dvalues_part_ptr + slot * D + f, mask=fdd, other=0.0)
+    s = tl.load(sparse_ptr + b * s_sb + k * s_sk + f * s_sd, mask=fd, other=0.0).to(tl.float32)
+    radial = tl.where(q_raw >= 1e-7, hsum / (q * q), 0.0)
+    ds = ds / q - s * radial
+    tl.store(dsparse_ptr + bk * d + f, _round(ds, dsparse_ptr.dtype.element_ty, INTERPRET), mask=fd)
+    tl.store(
+        dvalues_ptr + bk * D + f, _round(dv, dvalues_ptr.dtype.element_ty, INTERPRET), mask=fdd
+    )
+
+
+# ----------------------------------------------------------------------------- launchers
+
+FWD_BLOCK_N = 64
+BWD_BLOCK_N = 64
+BLOCK_D = 64
+REDUCE_BLOCK_F = 256
+# The backward aims at this many programs per streaming multiprocessor; fewer
+# programs per image means fewer partial sums to write and add.
+BWD_PROGRAMS_PER_SM = 2
+# Tests set this to force the backward's split of the patch blocks over programs.
+_BWD_SPLIT_OVERRIDE: int | None = None
+
+_MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _block_k(k: int) -> int:
+    return max(16, triton.next_power_of_2(k))
+
+
+def _num_warps(block_k: int) -> int:
+    return 8 if block_k >= 64 else 4
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _bwd_split(batch: int, n_blocks: int, device: torch.device) -> tuple[int, int]:
+    """(programs per image, patch blocks per program) for the backward."""
+    if _BWD_SPLIT_OVERRIDE is not None:
+        split = _BWD_SPLIT_OVERRIDE
+    else:
+        target = BWD_PROGRAMS_PER_SM * _sm_count(device)
+        split = -(-target // batch)
+    split = max(1, min(split, n_blocks))
+    per_program = -(-n_blocks // split)
+    return -(-n_blocks // per_program), per_program
+
+
+def _fwd_launch(
+    dense: torch.Tensor, sparse: torch.Tensor, values: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    bsz, n, dim = dense.shape
+    k = sparse.shape[1]
+    dv_dim = values.shape[2] if values is not None else 0
+    dev = dense.device
+    spatial = torch.empty((bsz, n, k), dtype=dense.dtype, device=dev)
+    lowrank = torch.empty((bsz, n, dv_dim), dtype=dense.dtype, device=dev)
+    cos = torch.empty((bsz, n, k), dtype=torch.float32, device=dev)
+    rnorm = torch.empty((bsz, n), dtype=torch.float32, device=dev)
+    snorm = torch.empty((bsz, k), dtype=torch.float32, device=dev)
+    vals = values if values is not None else sparse
+    block_k = _block_k(k)
+    n_blocks = triton.cdiv(n, FWD_BLOCK_N)
+    _factorize_fwd_kernel[(bsz * n_blocks,)](
+        dense,
+        sparse,
+        vals,
+        spatial,
+        lowrank,
+        cos,
+        rnorm,
+        snorm,
+        n,
+        k,
+        dim,
+        dv_dim,
+        n_blocks,
+        *dense.stride(),
+        *sparse.stride(),
+        *vals.stride(),
+        float(temperature),
+        MODE=_MODES[dense.dtype],
+        INTERPRET=triton_interpreting(),
+        BLOCK_N=FWD_BLOCK_N,
+        BLOCK_K=block_k,
+        BLOCK_D=BLOCK_D,
+        num_warps=_num_warps(block_k),
+    )
+    return spatial, lowrank, cos, rnorm, snorm
+
+
+def _bwd_launch(
+    grad_spatial: torch.Tensor | None,
+    grad_lowrank: torch.Tensor | None,
+    dense: torch.Tensor,
+    sparse: torch.Tensor,
+    values: torch.Tensor | None,
+    cos: torch.Tensor,
+    rnorm: torch.Tensor,
+    snorm: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bsz, n, dim = dense.shape
+    k = sparse.shape[1]
+    dev = dense.device
+    dv_dim = values.shape[2] if values is not None else 0
+    d_dense = torch.empty((bsz, n, dim), dtype=dense.dtype, device=dev)
+    d_sparse = torch.empty((bsz, k, dim), dtype=sparse.dtype, device=dev)
+    d_values = torch.empty((bsz, k, dv_dim), dtype=dense.dtype, device=dev)
+    has_gl = values is not None and grad_lowrank is not None and dv_dim > 0
+    has_gs = grad_spatial is not None
+    if values is not None and not has_gl:
+        d_values.zero_()
+    if not has_gs and not has_gl:
+        return d_dense.zero_(), d_sparse.zero_(), d_values
+    block_k = _block_k(k)
+    n_blocks = triton.cdiv(n, BWD_BLOCK_N)
+    split, per_program = _bwd_split(bsz, n_blocks, dev)
+    ds_part = torch.empty((bsz, split, k, dim), dtype=torch.float32, device=dev)
+    dv_part = torch.empty((bsz, split, k, dv_dim if has_gl else 0), dtype=torch.float32, device=dev)
+    h_part = torch.empty((bsz, split, k), dtype=torch.float32, device=dev)
+    vals = values if has_gl else sparse
+    gl = grad_lowrank if has_gl else dense
+    gs = grad_spatial if has_gs else cos
+    _factorize_bwd_kernel[(bsz * split,)](
+        dense,
+        sparse,
+        vals,
+        cos,
+        rnorm,
+        snorm,
+        gs,
+        gl,
+        d_dense,
+        ds_part,
+        dv_part,
+        h_part,
+        n,
+        k,
+        dim,
+        dv_dim if has_gl else 0,
+        split,
+        per_program,
+        *dense.stride(),
+        *sparse.stride(),
+        *vals.stride(),
+        *gs.stride(),
+        *gl.stride(),
+        float(temperature),
+        int(has_gs),
+        MODE=_MODES[dense.dtype],
+        INTERPRET=triton_interpreting(),
+        BLOCK_N=BWD_BLOCK_N,
+        BLOCK_K=block_k,
+        BLOCK_D=BLOCK_D,
+        num_warps=_num_warps(block_k),
+    )
+    n_features = max(dim, dv_dim if has_gl else 0)
+    if n_features > 0:
+        _factorize_bwd_reduce_kernel[(bsz * k, triton.cdiv(n_features, REDUCE_BLOCK_F))](
+            sparse,
+            snorm,
+            ds_part,
+            dv_part,
+            h_part,
+            d_sparse,
+            d_values,
+            k,
+            dim,
+            dv_dim if has_gl else 0,
+            split,
+            *sparse.stride(),
+            INTERPRET=triton_interpreting(),
+            BLOCK_F=REDUCE_BLOCK_F,
+        )
+    return d_dense, d_sparse, d_values
+
+
+def _gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
+    """Every (kernel, constexpr configuration, num_warps) the launchers can pick, with
+    example ViT-B arguments, for compiling without a GPU (`stellar_kernels.testing.compile_for_gpu`)."""
+    n, d = 196, 768
+    rows = dict(b=n * d, n=d, d=1)  # strides of a contiguous (B, N, d) tensor
+    cases = []
+    for dtype, mode in _MODES.items():
+        io = torch.empty(1, dtype=dtype)
+        f32 = torch.empty(1, dtype=torch.float32)
+        name = str(dtype).removeprefix("torch.")
+        for block_k in sorted({_block_k(k) for k in range(1, MAX_TRITON_K + 1)}):
+            k = block_k - 1
+            toks = dict(b=k * d, k=d, d=1)  # strides of a contiguous (B, K, d) tensor
+            common = dict(
+                N=n,
+                K=k,
+                d=d,
+                D=d,
+                temperature=0.06,
+                MODE=mode,
+                INTERPRET=False,
+                BLOCK_K=block_k,
+                BLOCK_D=BLOCK_D,
+                **{f"s_d{a}": v for a, v in rows.items()},
+                **{f"s_s{a}": v for a, v in toks.items()},
+                **{f"s_v{a}": v for a, v in toks.items()},
+            )
+            fwd = dict(
+                dense_ptr=io,
+                sparse_ptr=io,
+                values_ptr=io,
+                spatial_ptr=io,
+                lowrank_ptr=io,
+                cos_ptr=f32,
+                rnorm_ptr=f32,
+                snorm_ptr=f32,
+                n_blocks=triton.cdiv(n, FWD_BLOCK_N),
+                BLOCK_N=FWD_BLOCK_N,
+                **common,
+            )
+            bwd = dict(
+                dense_ptr=io,
+                sparse_ptr=io,
+                values_ptr=io,
+                cos_ptr=f32,
+                rnorm_ptr=f32,
+                snorm_ptr=f32,
+                gspatial_ptr=io,
+                glowrank_ptr=io,
+                ddense_ptr=io,
+                dsparse_part_ptr=f32,
+                dvalues_part_ptr=f32,
+                h_part_ptr=f32,
+                split=2,
+                blocks_per_program=2,
+                s_gsb=n * k,
+                s_gsn=k,
+                s_gsk=1,
+                **{f"s_gl{a}": v for a, v in rows.items()},
+                has_gspatial=1,
+                BLOCK_N=BWD_BLOCK_N,
+                **common,
+            )
+            warps = _num_warps(block_k)
+            cases.append((f"fwd_{name}_BLOCK_K{block_k}", _factorize_fwd_kernel, fwd, warps))
+            cases.append((f"bwd_{name}_BLOCK_K{block_k}", _factorize_bwd_kernel, bwd, warps))
+        reduce = dict(
+            sparse_ptr=io,
+            snorm_ptr=f32,
+            dsparse_part_ptr=f32,
+            dvalues_part_ptr=f32,
+            h_part_ptr=f32,
+            dsparse_ptr=io,
+            dvalues_ptr=io,
+            K=16,
+            d=d,
+            D=d,
+            split=2,
+            s_sb=16 * d,
+            s_sk=d,
+            s_sd=1,
+            INTERPRET=False,
+            BLOCK_F=REDUCE_BLOCK_F,
+        )
+        cases.append((f"reduce_{name}", _factorize_bwd_reduce_kernel, reduce, 4))
+    return cases
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("stellar_kernels::factorize_triton", mutates_args=())
+def _factorize_op(
+    dense: torch.Tensor, sparse: torch.Tensor, values: torch.Tensor | None, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(spatial, lowrank, cos, rnorm, snorm); lowrank is (B, N, 0) without values.
+
+    cos (float32 cosines) and the unclamped row norms of dense and sparse are
+    saved for the backward.
+    """
+    return _fwd_launch(dense, sparse, values, temperature)
+
+
+@_factorize_op.register_fake
+def _(dense, sparse, values, temperature):
+    bsz, n, _ = dense.shape
+    k = sparse.shape[1]
+    dv_dim = values.shape[2] if values is not None else 0
+    return (
+        dense.new_empty((bsz, n, k)),
+        dense.new_empty((bsz, n, dv_dim)),
+        dense.new_empty((bsz, n, k), dtype=torch.float32),
+        dense.new_empty((bsz, n), dtype=torch.float32),
+        dense.new_empty((bsz, k), dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("stellar_kernels::factorize_triton_backward", mutates_args=())
+def _factorize_backward_op(
+    grad_spatial: torch.Tensor | None,
+    grad_lowrank: torch.Tensor | None,
+    dense: torch.Tensor,
+    sparse: torch.Tensor,
+    values: torch.Tensor | None,
+    cos: torch.Tensor,
+    rnorm: torch.Tensor,
+    snorm: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_dense, d_sparse, d_values); d_values is (B, K, 0) without values."""
+    return _bwd_launch(
+        grad_spatial, grad_lowrank, dense, sparse, values, cos, rnorm, snorm, temperature
+    )
+
+
+@_factorize_backward_op.register_fake
+def _(grad_spatial, grad_lowrank, dense, sparse, values, cos, rnorm, snorm, temperature):
+    bsz, k, dim = sparse.shape
+    dv_dim = values.shape[2] if values is not None else 0
+    return (
+        dense.new_empty(dense.shape),
+        sparse.new_empty(sparse.shape),
+        dense.new_empty((bsz, k, dv_dim)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    dense, sparse, values, temperature = inputs
+    _, _, cos, rnorm, snorm = output
+    ctx.mark_non_differentiable(cos, rnorm, snorm)
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(dense, sparse, values, cos, rnorm, snorm)
+    ctx.temperature = temperature
+    ctx.has_values = values is not None
+
+
+def _backward(ctx, grad_spatial, grad_lowrank, *_unused):
+    dense, sparse, values, cos, rnorm, snorm = ctx.saved_tensors
+    d_dense, d_sparse, d_values = _factorize_backward_op(
+        grad_spatial, grad_lowrank, dense, sparse, values, cos, rnorm, snorm, ctx.temperature
+    )
+    return d_dense, d_sparse, (d_values if ctx.has_values else None), None
+
+
+_factorize_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
 def _check_pair(dense: torch.Tensor, sparse: torch.Tensor, temperature: float) -> float:
     check_tensor("dense", dense, (3,), LOC_DTYPES)
     check_tensor("sparse", sparse, (3,), LOC_DTYPES)
@@ -53,6 +758,35 @@ def _check_pair(dense: torch.Tensor, sparse: torch.Tensor, temperature: float) -
     return check_positive("temperature", temperature)
 
 
+def _pick(
+    op: str,
+    backend: str | None,
+    dense: torch.Tensor,
+    sparse: torch.Tensor,
+    values: torch.Tensor | None,
+) -> str:
+    """'triton' when the Triton path applies, else 'torch'.
+
+    backend=None on a CUDA tensor picks Triton; inputs the Triton path does not
+    cover (float64, values of another dtype, K > 64, empty tensors, no triton
+    installed) use the PyTorch reference whatever the backend.
+    """
+    if backend is None and dense.device.type == "cuda" and not HAS_TRITON:
+        return "torch"
+    impl = resolve_backend(op, backend, dense.device, ("torch", "triton"), "triton", "torch")
+    if impl != "triton":
+        return "torch"
+    if not HAS_TRITON:
+        raise ValueError(f"{op}: backend='triton' needs the triton package")
+    covered = (
+        dense.dtype in TRITON_DTYPES
+        and (values is None or values.dtype == dense.dtype)
+        and 1 <= sparse.shape[1] <= MAX_TRITON_K
+        and dense.numel() > 0
+    )
+    return "triton" if covered else "torch"
+
+
 def localization(
     dense: torch.Tensor,
     sparse: torch.Tensor,
@@ -65,18 +799,15 @@ def localization(
     Args:
         dense: (B, N, d) projected patch features.
         sparse: (B, K, d) projected sparse tokens, same dtype.
-        temperature: softmax temperature (> 0).
-        backend: None (fastest available), "torch" or "triton".
+        temperature: softmax temperature (> 0), a Python number (no gradient).
+        backend: None (fastest available: Triton on CUDA), "torch" or "triton".
 
     Returns:
         spatial (B, N, K) in the input dtype; differentiable w.r.t. dense and sparse.
     """
     temperature = _check_pair(dense, sparse, temperature)
-    impl = resolve_backend(
-        "localization", backend, dense.device, ("torch", "triton"), "torch", "torch"
-    )
-    if impl == "triton":
-        raise NotImplementedError("localization: the Triton backend is not implemented yet")
+    if _pick("localization", backend, dense, sparse, None) == "triton":
+        return _factorize_op(dense, sparse, None, temperature)[0]
     return localization_reference(dense, sparse, temperature)
 
 
@@ -94,8 +825,8 @@ def factorize(
         dense: (B, N, d) projected patch features (W_d D).
         sparse: (B, K, d) projected sparse tokens (W_s S), same dtype.
         values: (B, K, D) the sparse tokens themselves.
-        temperature: softmax temperature (> 0).
-        backend: None (fastest available), "torch" or "triton".
+        temperature: softmax temperature (> 0), a Python number (no gradient).
+        backend: None (fastest available: Triton on CUDA), "torch" or "triton".
 
     Returns:
         (spatial (B, N, K), lowrank (B, N, D) = spatial @ values), differentiable
@@ -109,9 +840,7 @@ def factorize(
             "values (B, K, D) must match sparse (B, K, d) in B and K: "
             f"sparse {tuple(sparse.shape)}, values {tuple(values.shape)}"
         )
-    impl = resolve_backend(
-        "factorize", backend, dense.device, ("torch", "triton"), "torch", "torch"
-    )
-    if impl == "triton":
-        raise NotImplementedError("factorize: the Triton backend is not implemented yet")
+    if _pick("factorize", backend, dense, sparse, values) == "triton":
+        spatial, lowrank = _factorize_op(dense, sparse, values, temperature)[:2]
+        return spatial, lowrank
     return factorize_reference(dense, sparse, values, temperature)

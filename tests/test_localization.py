@@ -1,10 +1,27 @@
-"""localization / factorize references against float64 math and gradcheck."""
+"""localization / factorize: the reference against float64 math and gradcheck, the Triton
+kernels (interpreter on CPU) against the reference, the custom ops, torch.compile, and a
+compile of every kernel configuration for sm_80 and sm_90."""
+
+import importlib
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
 import stellar_kernels as sk
+
+loc = importlib.import_module("stellar_kernels.localization")
+
+HAS_CUDA = torch.cuda.is_available()
+CAN_RUN_TRITON = loc.HAS_TRITON and (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(
+    not CAN_RUN_TRITON, reason="needs triton and a GPU or TRITON_INTERPRET=1"
+)
+DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def factorize_float64(dense, sparse, values, temperature):
@@ -18,6 +35,9 @@ def factorize_float64(dense, sparse, values, temperature):
     spatial = np.exp(logits)
     spatial /= spatial.sum(-1, keepdims=True)
     return spatial, np.einsum("bnk,bkc->bnc", spatial, v)
+
+
+# ----------------------------------------------------------------------------- reference
 
 
 @pytest.mark.parametrize(
@@ -35,8 +55,8 @@ def test_factorize_matches_float64(rng_seed, b, n, k, d, dd, temperature):
     exp_spatial, exp_lowrank = factorize_float64(dense, sparse, values, temperature)
     np.testing.assert_allclose(spatial.numpy(), exp_spatial, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(lowrank.numpy(), exp_lowrank, rtol=1e-4, atol=1e-5)
-    loc = sk.localization(dense, sparse, temperature, backend="torch")
-    np.testing.assert_allclose(loc.numpy(), exp_spatial, rtol=1e-4, atol=1e-6)
+    loc_ = sk.localization(dense, sparse, temperature, backend="torch")
+    np.testing.assert_allclose(loc_.numpy(), exp_spatial, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -80,3 +100,305 @@ def test_non_contiguous(rng_seed):
     )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+
+# Tolerances of the Triton path against the reference, as max |error| / max |expected|.
+# float32: the reference itself (1e-4 on outputs, 1e-3 on gradients). Half types: outputs
+# against the reference on the same inputs (one rounding to the dtype apart); gradients
+# against the float32 reference on the same (already rounded) inputs, since the half
+# reference rounds the spatial gradient to the dtype half-way through its backward.
+OUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+GRAD_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [
+    (2, 9, 3, 12, 7),
+    (1, 16, 16, 32, 32),
+    (3, 5, 4, 8, 20),
+    (2, 49, 8, 24, 24),
+    (1, 64, 16, 64, 48),
+]
+TEMPERATURES = [0.06, 0.5, 1.0]
+# Every shape with every dtype, the temperature cycling so that each meets every dtype.
+CASES = [
+    pytest.param(shape, TEMPERATURES[(i + j) % 3], dtype, id=f"{shape}-{dtype}")
+    for i, shape in enumerate(SHAPES)
+    for j, dtype in enumerate(DTYPES)
+]
+
+
+def assert_close_rel(got, want, tol, what):
+    got, want = got.detach().float().cpu(), want.detach().float().cpu()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    scale = want.abs().max().clamp_min(1e-30)
+    err = ((got - want).abs().max() / scale).item()
+    assert err <= tol, f"{what}: max error {err:.2e} of max |expected| {scale:.3g} (tol {tol:g})"
+
+
+def make_inputs(shape, dtype, device=DEVICE):
+    b, n, k, d, dd = shape
+    return [
+        torch.randn(*s, device=device).to(dtype).requires_grad_()
+        for s in ((b, n, d), (b, k, d), (b, k, dd))
+    ]
+
+
+def grads(outputs, inputs, weights):
+    loss = sum((o.float() * w).sum() for o, w in zip(outputs, weights))
+    return torch.autograd.grad(loss, inputs, allow_unused=True, materialize_grads=True)
+
+
+def check_against_reference(inputs, temperature, dtype, use=(True, True)):
+    """Forward and the three gradients of the Triton path against the reference."""
+    dense, sparse, values = inputs
+    spatial, lowrank = sk.factorize(dense, sparse, values, temperature, backend="triton")
+    assert spatial.dtype == dtype and lowrank.dtype == dtype
+    ref_spatial, ref_lowrank = sk.factorize(dense, sparse, values, temperature, backend="torch")
+    assert_close_rel(spatial, ref_spatial, OUT_TOL[dtype], "spatial")
+    assert_close_rel(lowrank, ref_lowrank, OUT_TOL[dtype], "lowrank")
+
+    weights = [torch.randn(o.shape, device=o.device) for o in (spatial, lowrank)]
+    used = [i for i in range(2) if use[i]]
+    got = grads([(spatial, lowrank)[i] for i in used], inputs, [weights[i] for i in used])
+    up = [x.detach().float().requires_grad_() for x in inputs]
+    ref = sk.factorize(*up, temperature, backend="torch")
+    want = grads([ref[i] for i in used], up, [weights[i] for i in used])
+    for name, g, w in zip(("dense", "sparse", "values"), got, want):
+        assert g.dtype == dtype
+        assert_close_rel(g, w, GRAD_TOL[dtype], f"d_{name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("shape,temperature,dtype", CASES)
+def test_triton_matches_reference(rng_seed, shape, temperature, dtype):
+    check_against_reference(make_inputs(shape, dtype), temperature, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("use", [(True, False), (False, True)], ids=["spatial", "lowrank"])
+def test_triton_one_output_used(rng_seed, use):
+    check_against_reference(make_inputs((2, 20, 5, 16, 24), torch.float32), 0.2, torch.float32, use)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_localization(rng_seed, dtype):
+    dense, sparse, _ = make_inputs((2, 30, 6, 40, 1), dtype)
+    got = sk.localization(dense, sparse, 0.06, backend="triton")
+    want = sk.localization(dense, sparse, 0.06, backend="torch")
+    assert got.dtype == dtype
+    assert_close_rel(got, want, OUT_TOL[dtype], "spatial")
+    w = torch.randn(got.shape, device=got.device)
+    g = grads([got], (dense, sparse), [w])
+    up = [x.detach().float().requires_grad_() for x in (dense, sparse)]
+    r = grads([sk.localization(*up, 0.06, backend="torch")], up, [w])
+    for name, a, b in zip(("dense", "sparse"), g, r):
+        assert_close_rel(a, b, GRAD_TOL[dtype], f"d_{name}")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_zero_patch_gives_uniform_row(rng_seed, dtype):
+    dense, sparse, values = make_inputs((1, 6, 5, 16, 8), dtype)
+    with torch.no_grad():
+        dense[0, 2] = 0
+    spatial, lowrank = sk.factorize(dense, sparse, values, 0.06, backend="triton")
+    assert torch.isfinite(spatial).all() and torch.isfinite(lowrank).all()
+    torch.testing.assert_close(
+        spatial[0, 2].float().cpu(), torch.full((5,), 0.2), rtol=0, atol=1e-3
+    )
+    g = grads(
+        [spatial, lowrank],
+        (dense, sparse, values),
+        [torch.randn(spatial.shape), torch.randn(lowrank.shape)],
+    )
+    assert all(torch.isfinite(x).all() for x in g)
+
+
+@needs_triton
+def test_triton_non_contiguous(rng_seed):
+    dense = torch.randn(2, 24, 9, device=DEVICE).transpose(1, 2).requires_grad_()  # (2, 9, 24)
+    sparse = torch.randn(4, 2, 24, device=DEVICE).transpose(0, 1).requires_grad_()  # (2, 4, 24)
+    values = torch.randn(2, 4, 40, device=DEVICE)[:, :, ::2].requires_grad_()  # (2, 4, 20)
+    inputs = (dense, sparse, values)
+    spatial, lowrank = sk.factorize(*inputs, 0.3, backend="triton")
+    contiguous = [x.detach().contiguous().requires_grad_() for x in inputs]
+    ref = sk.factorize(*contiguous, 0.3, backend="triton")
+    torch.testing.assert_close(spatial, ref[0])
+    torch.testing.assert_close(lowrank, ref[1])
+    # Gradients that are themselves non-contiguous (an expanded weight).
+    w = (torch.randn(1, 1, 20, device=DEVICE).expand(2, 9, 20),)
+    got = torch.autograd.grad(lowrank, inputs, w)
+    want = torch.autograd.grad(ref[1], contiguous, w)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [1, 2])
+def test_triton_backward_split_is_deterministic(rng_seed, monkeypatch, split):
+    """The patch blocks of an image spread over `split` programs (several blocks each);
+    partial sums are added in a fixed order, so results repeat bit for bit."""
+    monkeypatch.setattr(loc, "_BWD_SPLIT_OVERRIDE", split)
+    inputs = make_inputs((2, 150, 5, 20, 24), torch.float32)
+    check_against_reference(inputs, 0.1, torch.float32)
+    runs = []
+    for _ in range(2):
+        out = sk.factorize(*inputs, 0.1, backend="triton")
+        runs.append(grads(out, inputs, [torch.ones(o.shape) for o in out]))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_unsupported_inputs_use_the_reference(rng_seed):
+    """float64, mixed dtypes and K > 64 take the PyTorch path even when Triton is asked for."""
+    cases = [
+        (
+            torch.randn(1, 5, 8, dtype=torch.float64),
+            torch.randn(1, 3, 8, dtype=torch.float64),
+            torch.randn(1, 3, 4, dtype=torch.float64),
+        ),
+        (torch.randn(1, 5, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 4, dtype=torch.bfloat16)),
+        (torch.randn(1, 5, 8), torch.randn(1, 65, 8), torch.randn(1, 65, 4)),
+    ]
+    for dense, sparse, values in cases:
+        backend = "triton" if CAN_RUN_TRITON else "torch"
+        got = sk.factorize(dense, sparse, values, 0.1, backend=backend)
+        want = loc.factorize_reference(dense, sparse, values, 0.1)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@needs_triton
+def test_opcheck_forward_and_backward(rng_seed):
+    dense, sparse, values = make_inputs((2, 7, 3, 16, 5), torch.float32)
+    torch.library.opcheck(loc._factorize_op, (dense, sparse, values, 0.3))
+    torch.library.opcheck(loc._factorize_op, (dense, sparse, None, 0.3))
+    spatial, lowrank, cos, rnorm, snorm = loc._factorize_op(dense, sparse, values, 0.3)
+    saved = [x.detach() for x in (dense, sparse, values)]
+    gs, gl = torch.randn(spatial.shape), torch.randn(lowrank.shape)
+    for grad_spatial, grad_lowrank in [(gs, gl), (None, gl), (gs, None)]:
+        torch.library.opcheck(
+            loc._factorize_backward_op,
+            (grad_spatial, grad_lowrank, *saved, cos, rnorm, snorm, 0.3),
+        )
+
+
+def check_compile(backend, device):
+    torch._dynamo.reset()
+    dense, sparse, values = make_inputs((2, 12, 4, 16, 8), torch.float32, device)
+
+    def step(dense, sparse, values):
+        spatial, lowrank = sk.factorize(dense, sparse, values, 0.1, backend="triton")
+        return (lowrank**2).sum() + (spatial * spatial.detach()).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    loss = compiled(dense, sparse, values)
+    got = torch.autograd.grad(loss, (dense, sparse, values))
+    want = torch.autograd.grad(step(dense, sparse, values), (dense, sparse, values))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+@needs_triton
+def test_torch_compile_fullgraph(rng_seed):
+    """Dynamo traces through the custom op (no graph break) and AOT autograd through its
+    backward op; aot_eager keeps the CPU test fast (inductor: the GPU test below)."""
+    check_compile("aot_eager", DEVICE)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_inductor(rng_seed):
+    check_compile("inductor", "cuda")
+
+
+def test_import_without_triton():
+    script = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, stellar_kernels as sk\n"
+        "x = torch.randn(1, 4, 8)\n"
+        "s, l = sk.factorize(x, torch.randn(1, 2, 8), torch.randn(1, 2, 3))\n"
+        "assert s.shape == (1, 4, 2) and l.shape == (1, 4, 3)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "STELLAR_KERNELS_BACKEND"}
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=120)
+
+
+# ----------------------------------------------------------------------------- GPU compile
+
+_COMPILE_SCRIPT = """
+import importlib, sys
+from stellar_kernels.testing import compile_for_gpu
+loc = importlib.import_module("stellar_kernels.localization")
+arch = int(sys.argv[1])
+for name, kernel, args, num_warps in loc._gpu_compile_cases():
+    compile_for_gpu(kernel, args, arch=arch, num_warps=num_warps)
+    print("compiled", name, "sm_%d" % arch, flush=True)
+"""
+
+
+@pytest.mark.skipif(not loc.HAS_TRITON, reason="needs triton")
+def test_every_kernel_configuration_compiles_for_gpu():
+    """Every kernel and constexpr configuration the launchers can pick, for sm_80 and sm_90.
+
+    Runs in fresh processes without TRITON_INTERPRET: under the interpreter, triton's own
+    @jit helpers (tl.zeros, tl.sum, ...) are interpreter objects the GPU compiler rejects.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def compile_arch(arch):
+        return subprocess.run(
+            [sys.executable, "-c", _COMPILE_SCRIPT, str(arch)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(compile_arch, (80, 90)))
+    n_cases = len(loc._gpu_compile_cases())
+    for arch, res in zip((80, 90), results):
+        assert res.returncode == 0, f"sm_{arch}:\n{res.stdout}\n{res.stderr[-4000:]}"
+        assert res.stdout.count("compiled") == n_cases
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_gpu_vit_b(rng_seed, dtype):
+    """ViT-B size: B=128, N=196, K=16, d=D=768."""
+    check_against_reference(make_inputs((128, 196, 16, 768, 768), dtype, "cuda"), 0.06, dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_vit_b_deterministic(rng_seed):
+    inputs = make_inputs((128, 196, 16, 768, 768), torch.bfloat16, "cuda")
+    runs = []
+    for _ in range(2):
+        out = sk.factorize(*inputs, 0.06)
+        runs.append([*out, *grads(out, inputs, [torch.ones(o.shape, device="cuda") for o in out])])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k", [1, 33, 64])
+def test_gpu_other_k(rng_seed, k):
+    check_against_reference(
+        make_inputs((4, 1024, k, 1280, 1280), torch.bfloat16, "cuda"), 0.06, torch.bfloat16
+    )
+
+
+@pytest.mark.gpu
+def test_gpu_default_backend_is_triton(rng_seed, monkeypatch):
+    monkeypatch.delenv("STELLAR_KERNELS_BACKEND", raising=False)
+    dense, sparse, values = make_inputs((2, 9, 3, 64, 64), torch.bfloat16, "cuda")
+    assert loc._pick("factorize", None, dense, sparse, values) == "triton"
+    assert loc._pick("factorize", None, dense.cpu(), sparse.cpu(), values.cpu()) == "torch"
