@@ -1,7 +1,14 @@
-"""sinkhorn_knopp reference against float64 math, and its distributed equivalence (gloo)."""
+"""sinkhorn_knopp: reference and Triton kernels against float64 math, distributed equivalence (gloo).
 
+Without a GPU the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors
+(tests/conftest.py sets it); the gpu-marked tests run them at full size.
+"""
+
+import importlib
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +17,10 @@ import torch.multiprocessing as mp
 
 import stellar_kernels as sk
 
+skm = importlib.import_module("stellar_kernels.sinkhorn_knopp")
+needs_triton = pytest.mark.skipif(not skm.HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def sk_float64(scores: np.ndarray, n_iters: int, scale: float, eps: float) -> np.ndarray:
     q = np.exp(scores - scores.max(axis=0, keepdims=True))
@@ -17,6 +28,12 @@ def sk_float64(scores: np.ndarray, n_iters: int, scale: float, eps: float) -> np
         q = q / (q.sum(axis=0, keepdims=True) + eps) ** scale
         q = q / (q.sum(axis=1, keepdims=True) + eps)
     return q
+
+
+def check_float64(q: torch.Tensor, scores: torch.Tensor, n_iters=3, scale=1.0, atol=1e-7):
+    assert q.dtype == torch.float32 and q.shape == scores.shape
+    expected = sk_float64(scores.double().cpu().numpy(), n_iters, scale, 1e-8)
+    np.testing.assert_allclose(q.cpu().numpy(), expected, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize(
@@ -32,17 +49,14 @@ def sk_float64(scores: np.ndarray, n_iters: int, scale: float, eps: float) -> np
 def test_matches_float64(rng_seed, n, p, n_iters, scale, dtype):
     scores = (torch.randn(n, p) * 3).to(dtype)
     q = sk.sinkhorn_knopp(scores, n_iters=n_iters, scale=scale, backend="torch")
-    assert q.dtype == torch.float32 and q.shape == (n, p)
-    expected = sk_float64(scores.double().numpy(), n_iters, scale, 1e-8)
-    np.testing.assert_allclose(q.numpy(), expected, rtol=1e-4, atol=1e-7)
+    check_float64(q, scores, n_iters, scale)
 
 
 def test_huge_logits_stay_finite(rng_seed):
     scores = torch.randn(50, 80) * 400
     q = sk.sinkhorn_knopp(scores, backend="torch")
     assert torch.isfinite(q).all()
-    expected = sk_float64(scores.double().numpy(), 3, 1.0, 1e-8)
-    np.testing.assert_allclose(q.numpy(), expected, rtol=1e-4, atol=1e-6)
+    check_float64(q, scores, atol=1e-6)
 
 
 def test_input_unchanged(rng_seed):
@@ -50,6 +64,180 @@ def test_input_unchanged(rng_seed):
     before = scores.clone()
     sk.sinkhorn_knopp(scores, backend="torch")
     assert torch.equal(scores, before)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels (interpreter on the CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "n,p,n_iters,scale,dtype",
+    [
+        (1, 7, 1, 1.0, torch.float32),
+        (37, 53, 3, 0.5, torch.bfloat16),
+        (64, 128, 5, 1.0, torch.float16),
+        (20, 300, 3, 0.5, torch.float32),
+        (257, 1000, 3, 1.0, torch.bfloat16),
+    ],
+)
+def test_triton_matches_float64_and_reference(rng_seed, n, p, n_iters, scale, dtype):
+    scores = (torch.randn(n, p) * 3).to(dtype).to(DEVICE)
+    q = sk.sinkhorn_knopp(scores, n_iters=n_iters, scale=scale, backend="triton")
+    check_float64(q, scores, n_iters, scale)
+    ref = sk.sinkhorn_knopp(scores, n_iters=n_iters, scale=scale, backend="torch")
+    torch.testing.assert_close(q, ref, rtol=1e-4, atol=1e-7)
+
+
+@needs_triton
+@pytest.mark.parametrize("n,p,n_iters,scale", [(37, 53, 1, 1.0), (20, 300, 3, 0.5)])
+def test_triton_chunked_rows(rng_seed, n, p, n_iters, scale):
+    """Rows wider than the resident tile: two sweeps per row block, masked column tail."""
+    scores = (torch.randn(n, p) * 3).to(DEVICE)
+    q = skm._triton_sinkhorn_knopp(
+        scores, n_iters, scale, 1e-8, None, max_resident_p=16, chunk_p=32
+    )
+    check_float64(q, scores, n_iters, scale)
+
+
+@needs_triton
+def test_triton_huge_logits_stay_finite(rng_seed):
+    scores = (torch.randn(50, 80) * 400).to(DEVICE)
+    q = sk.sinkhorn_knopp(scores, backend="triton")
+    assert torch.isfinite(q).all()
+    check_float64(q, scores, atol=1e-6)
+
+
+@needs_triton
+def test_triton_input_unchanged_and_strided(rng_seed):
+    base = (torch.randn(40, 30) * 3).to(torch.bfloat16).to(DEVICE)
+    scores = base.t()  # non-contiguous (30, 40)
+    before = scores.clone()
+    q = sk.sinkhorn_knopp(scores, n_iters=2, scale=0.5, backend="triton")
+    assert torch.equal(scores, before)
+    check_float64(q, scores, 2, 0.5)
+
+
+@needs_triton
+def test_triton_is_the_cuda_default(monkeypatch):
+    seen = {}
+
+    def spy(op, backend, device, available, default_cuda, default_cpu):
+        seen.update(default_cuda=default_cuda, default_cpu=default_cpu)
+        return "torch"
+
+    monkeypatch.setattr(skm, "resolve_backend", spy)
+    sk.sinkhorn_knopp(torch.randn(3, 4))
+    assert seen == {"default_cuda": "triton", "default_cpu": "torch"}
+
+
+@needs_triton
+def test_custom_op_opcheck(rng_seed):
+    scores = (torch.randn(9, 20) * 3).to(DEVICE)
+    torch.library.opcheck(skm.sinkhorn_knopp_op, (scores, 2, 0.5, 1e-8))
+
+
+@needs_triton
+def test_compiles_without_graph_break(rng_seed):
+    scores = (torch.randn(6, 10) * 3).to(DEVICE)
+
+    def fn(x):
+        return sk.sinkhorn_knopp(x * 2.0, backend="triton", validate=False).sum(dim=1)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(scores), fn(scores), rtol=1e-5, atol=1e-6)
+
+
+def _row_args(s, block_n, block_p, last):
+    f32 = torch.empty(1)
+    return dict(
+        s_ptr=s, m_ptr=f32, b_ptr=f32, a_ptr=f32, part_ptr=f32, q_ptr=f32,
+        N=1000, P=1000, stride_n=1000, stride_p=1, eps=1e-8,
+        LAST=last, BLOCK_N=block_n, BLOCK_P=block_p,
+    )  # fmt: skip
+
+
+def _every_launch_config():
+    """(kernel, args, num_warps) for every constexpr configuration the launcher can pick."""
+    f32 = torch.empty(1)
+    halves = [torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float16)]
+    for s in [f32, *halves]:
+        yield (
+            skm._sk_colstats_kernel,
+            dict(
+                s_ptr=s, pmax_ptr=f32, psum_ptr=f32, N=1000, P=1000, stride_n=1000,
+                stride_p=1, rows_per_split=64,
+                BLOCK_N=skm.COLSTATS_BLOCK_N, BLOCK_P=skm.COLSTATS_BLOCK_P,
+            ),
+            skm.COLSTATS_WARPS,
+        )  # fmt: skip
+    for first in (False, True):
+        for finish in (False, True):
+            yield (
+                skm._sk_reduce_kernel,
+                dict(
+                    pmax_ptr=f32, psum_ptr=f32, m_ptr=f32, b_ptr=f32, colsum_ptr=f32,
+                    R=100, P=1000, scale=1.0, eps=1e-8, FIRST=first, FINISH=finish,
+                    BLOCK_R=skm.REDUCE_BLOCK_R, BLOCK_P=skm.REDUCE_BLOCK_P,
+                ),
+                skm.REDUCE_WARPS,
+            )  # fmt: skip
+    for last in (False, True):
+        for block_p in skm.resident_block_ps():
+            block_n, block_p, num_warps = skm.resident_config(block_p)
+            yield skm._sk_rows_resident_kernel, _row_args(f32, block_n, block_p, last), num_warps
+        widest = skm.resident_config(skm.MAX_RESIDENT_P)
+        for s in halves:
+            yield skm._sk_rows_resident_kernel, _row_args(s, *widest[:2], last), widest[2]
+        for s in [f32, *halves]:
+            yield (
+                skm._sk_rows_chunked_kernel,
+                _row_args(s, skm.CHUNKED_BLOCK_N, skm.CHUNKED_BLOCK_P, last),
+                skm.CHUNKED_WARPS,
+            )
+
+
+def compile_every_config(arch: int) -> None:
+    """Compiles every launch configuration for sm_`arch` (run in a process without the interpreter)."""
+    from stellar_kernels.testing import compile_for_gpu
+
+    smem_limit = {80: 163 * 1024, 90: 227 * 1024}[arch]
+    count = 0
+    for kernel, args, num_warps in _every_launch_config():
+        compiled = compile_for_gpu(kernel, args, arch=arch, num_warps=num_warps)
+        assert compiled.metadata.shared <= smem_limit, (kernel, args)
+        count += 1
+    print(f"sm_{arch}: {count} configurations compiled")
+
+
+@needs_triton
+def test_every_kernel_config_compiles_for_gpu():
+    """Every kernel x constexpr configuration the launcher can pick, for sm_80 and sm_90.
+
+    Compiled in fresh processes without TRITON_INTERPRET: with the interpreter on, triton
+    (3.8) cannot compile kernels that do arithmetic on scalar arguments.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    load = (
+        "import importlib.util as u; "
+        f"s = u.spec_from_file_location('sk_compile_check', {__file__!r}); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); "
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", load + f"m.compile_every_config({arch})"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for arch in (80, 90)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-6000:]
+        assert "configurations compiled" in out
 
 
 def _free_port() -> int:
@@ -66,7 +254,9 @@ def _distributed_worker(rank, world, port, scores, backend, env, queue):
         rows = scores.chunk(world)[rank]
         q = sk.sinkhorn_knopp(rows, n_iters=3, backend=backend)
         q_local = sk.sinkhorn_knopp(rows, n_iters=3, backend=backend, local=True)
-        queue.put((rank, q, q_local))
+        # numpy arrays travel by value: a tensor would be shared through a file descriptor
+        # that dies with this process if it exits before the parent has read it.
+        queue.put((rank, q.numpy(), q_local.numpy()))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -83,24 +273,138 @@ def run_two_ranks(scores: torch.Tensor, backend: str, env: dict | None = None):
     ]
     for proc in procs:
         proc.start()
-    results = dict((r, (q, ql)) for r, q, ql in (queue.get(timeout=120) for _ in procs))
+    results = {}
+    for _ in procs:
+        rank, q, q_local = queue.get(timeout=120)
+        results[rank] = (torch.from_numpy(q), torch.from_numpy(q_local))
     for proc in procs:
         proc.join(timeout=60)
         assert proc.exitcode == 0
     return results
 
 
-def test_two_ranks_equal_one_call_on_stacked_rows(rng_seed):
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_two_ranks_equal_one_call_on_stacked_rows(rng_seed, monkeypatch, backend):
     scores = torch.randn(23, 40) * 4
-    results = run_two_ranks(scores, "torch")
+    env = {}
+    if backend == "triton":
+        # The workers take CPU tensors: the kernels run in the interpreter, which must be
+        # chosen before triton is imported (spawned workers inherit this environment).
+        env = {"TRITON_INTERPRET": "1"}
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    results = run_two_ranks(scores, backend, env)
     stacked = torch.cat([results[0][0], results[1][0]])
-    expected = sk_float64(scores.double().numpy(), 3, 1.0, 1e-8)
-    np.testing.assert_allclose(stacked.numpy(), expected, rtol=1e-4, atol=1e-7)
+    check_float64(stacked, scores)
     # local=True must not communicate: each rank normalizes its own rows only.
     for rank, rows in enumerate(scores.chunk(2)):
-        np.testing.assert_allclose(
-            results[rank][1].numpy(),
-            sk_float64(rows.double().numpy(), 3, 1.0, 1e-8),
-            rtol=1e-4,
-            atol=1e-7,
-        )
+        check_float64(results[rank][1], rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: full sizes, memory, host synchronization
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize(
+    "n,p,dtype",
+    [
+        (2048, 16384, torch.float32),
+        (2048, 16384, torch.bfloat16),
+        (65536, 128, torch.float16),
+        (1, 65536, torch.float32),
+        (100, 65536, torch.bfloat16),
+        (65536, 1, torch.float32),
+    ],
+)
+def test_gpu_full_size_matches_reference(rng_seed, n, p, dtype):
+    scores = (torch.randn(n, p, device="cuda") * 8).to(dtype)
+    q = sk.sinkhorn_knopp(scores, backend="triton")
+    ref = sk.sinkhorn_knopp(scores, backend="torch")
+    torch.testing.assert_close(q, ref, rtol=1e-4, atol=1e-7)
+    if n * p <= 2048 * 16384:
+        check_float64(q, scores)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_huge_logits_and_scale(rng_seed):
+    scores = torch.randn(512, 4096, device="cuda") * 400
+    q = sk.sinkhorn_knopp(scores, n_iters=5, scale=0.5, backend="triton")
+    assert torch.isfinite(q).all()
+    check_float64(q, scores, 5, 0.5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_triton
+@pytest.mark.parametrize("n,p", [(2048, 16384), (256, 40000)])
+def test_gpu_peak_memory_is_output_plus_vectors(record_property, n, p):
+    scores = torch.randn(n, p, device="cuda")
+    sk.sinkhorn_knopp(scores, backend="triton", validate=False)  # compile outside the measure
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    q = sk.sinkhorn_knopp(scores, backend="triton", validate=False)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    output = q.numel() * 4
+    vectors = (3 * p + n) * 4
+    record_property("peak_extra_bytes", extra)
+    print(f"sinkhorn_knopp ({n}, {p}): peak extra {extra} B = output {output} + {extra - output}")
+    # The caching allocator rounds each of the four small vectors up to 512 B (or 2 MiB blocks).
+    assert extra <= output + vectors + 4 * 512 + (2 << 20)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_no_host_sync_with_validate_false():
+    scores = torch.randn(256, 1024, device="cuda")
+    sk.sinkhorn_knopp(scores, validate=False)  # compile and cache device properties first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        q = sk.sinkhorn_knopp(scores, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    check_float64(q, scores)
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_torch_compile_fullgraph(rng_seed):
+    scores = torch.randn(128, 512, device="cuda")
+
+    def fn(x):
+        return sk.sinkhorn_knopp(x / 0.06, validate=False).argmax(dim=1)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert torch.equal(compiled(scores), fn(scores))
+
+
+def _nccl_worker(port, scores, queue):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        x = scores.cuda()
+        group = torch.distributed.group.WORLD
+        q = skm._triton_sinkhorn_knopp(x, 3, 0.5, 1e-8, group)  # the all-reduce path, on NCCL
+        queue.put((q.cpu().numpy(), sk.sinkhorn_knopp(x, scale=0.5, local=True).cpu().numpy()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.gpu
+@needs_triton
+def test_gpu_nccl_all_reduce_path(rng_seed):
+    """One GPU: a world of one rank still runs every NCCL all-reduce of the Triton path."""
+    scores = torch.randn(300, 2000) * 4
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_nccl_worker, args=(_free_port(), scores, queue))
+    proc.start()
+    q, q_local = (torch.from_numpy(x) for x in queue.get(timeout=180))
+    proc.join(timeout=60)
+    assert proc.exitcode == 0
+    torch.testing.assert_close(q, q_local, rtol=1e-5, atol=1e-8)
+    check_float64(q, scores, 3, 0.5)
