@@ -1,0 +1,408 @@
+"""Triton sinkhorn_match / match_tokens against the PyTorch reference and float64 math.
+
+Without a GPU the kernels run in the Triton interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1) on small shapes; the gpu-marked tests repeat the comparisons
+at full size on CUDA. Every kernel configuration the launchers can pick is also
+compiled for sm_80 and sm_90.
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from test_sinkhorn_match import plan_float64  # noqa: E402
+
+import stellar_kernels as sk  # noqa: E402
+from stellar_kernels._backend import resolve_backend  # noqa: E402
+from stellar_kernels.sinkhorn_match import round_plan  # noqa: E402
+
+# The module (the package attribute of that name is the function).
+sm = importlib.import_module("stellar_kernels.sinkhorn_match")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def near_tie(plan: np.ndarray, rounding: str, rtol: float, atol: float) -> bool:
+    """Whether rounding `plan` (Q, T) meets, at some step, a runner-up within tolerance of the pick."""
+    p = np.asarray(plan, dtype=np.float64).copy()
+    if rounding == "argmax":
+        if p.shape[1] < 2:
+            return False
+        top = np.sort(p, axis=1)[:, -2:]
+        return bool(np.any(top[:, 1] - top[:, 0] <= rtol * top[:, 1] + atol))
+    for _ in range(p.shape[0]):
+        flat = np.sort(p.ravel())[-2:]
+        if flat.size == 2 and flat[0] >= 0 and flat[1] - flat[0] <= rtol * flat[1] + atol:
+            return True
+        r, c = np.unravel_index(np.argmax(p), p.shape)
+        p[r, :] = -1.0
+        p[:, c] = -1.0
+    return False
+
+
+def check_index(index, plan, expected_plan, rounding, rtol, atol):
+    """index is exactly the rounding of our own plan (same tie-breaking as `round_plan`) and equals
+    the rounding of the expected plan except in problems where that one has a near tie."""
+    assert index.dtype == torch.int64 and index.shape == plan.shape[:2]
+    assert torch.equal(index.cpu(), round_plan(plan.cpu(), rounding))
+    expected_plan = torch.as_tensor(expected_plan)
+    expected = round_plan(expected_plan, rounding)
+    for b in range(index.shape[0]):
+        if not torch.equal(index[b].cpu(), expected[b]):
+            assert near_tie(expected_plan[b].numpy(), rounding, rtol, atol), (
+                f"problem {b}: index {index[b].tolist()} != {expected[b].tolist()} without a tie"
+            )
+    if rounding == "permutation":
+        for row in index.cpu():
+            assert len(set(row.tolist())) == index.shape[1]
+
+
+def make_cost(b, q, t, dtype, contiguous, device=DEVICE):
+    if contiguous:
+        return (torch.rand(b, q, t, device=device) * 2).to(dtype)
+    # A transposed view: stride 1 along Q, not along T.
+    return (torch.rand(b, t, q, device=device) * 2).to(dtype).transpose(1, 2)
+
+
+def check_sinkhorn(cost, eps, n_iters, rounding, **kwargs):
+    index, plan = sk.sinkhorn_match(
+        cost, eps=eps, n_iters=n_iters, rounding=rounding, backend="triton", **kwargs
+    )
+    assert plan.dtype == torch.float32 and plan.shape == cost.shape
+    ref_index, ref_plan = sk.sinkhorn_match(
+        cost, eps=eps, n_iters=n_iters, rounding=rounding, backend="torch"
+    )
+    torch.testing.assert_close(plan, ref_plan, rtol=1e-4, atol=1e-6)
+    expected = plan_float64(cost.float().cpu().numpy(), eps, n_iters)
+    np.testing.assert_allclose(plan.cpu().numpy(), expected, rtol=2e-4, atol=1e-6)
+    check_index(index, plan, ref_plan.cpu(), rounding, rtol=1e-4, atol=1e-6)
+    return index, plan
+
+
+def tokens_float64(pred, target, eps, n_iters):
+    views = pred.shape[0] // target.shape[0]
+    cost = torch.cdist(pred.double().cpu(), target.double().cpu().repeat_interleave(views, 0))
+    return cost, plan_float64(cost.numpy(), eps, n_iters)
+
+
+def check_tokens(pred, target, eps, n_iters, rounding):
+    index, plan = sk.match_tokens(
+        pred, target, eps=eps, n_iters=n_iters, rounding=rounding, backend="triton"
+    )
+    assert plan.shape == (pred.shape[0], pred.shape[1], target.shape[1])
+    cost64, expected = tokens_float64(pred, target, eps, n_iters)
+    np.testing.assert_allclose(plan.cpu().numpy(), expected, rtol=2e-3, atol=1e-5)
+    # The contract: sinkhorn_match(cdist(pred, target.repeat_interleave(V, 0))).
+    views = pred.shape[0] // target.shape[0]
+    cost = torch.cdist(pred.float(), target.float().repeat_interleave(views, 0))
+    _, ref_plan = sk.sinkhorn_match(cost, eps=eps, n_iters=n_iters, backend="torch")
+    torch.testing.assert_close(plan, ref_plan, rtol=2e-3, atol=1e-5)
+    check_index(index, plan, expected, rounding, rtol=2e-3, atol=1e-5)
+    return index, plan
+
+
+# ----------------------------------------------------------------------------- sinkhorn_match
+
+# Every listed value of every dimension appears at least once (not the full product).
+SINKHORN_CASES = [
+    # b, q, t, eps, n_iters, dtype, contiguous, rounding
+    (1, 1, 1, 0.1, 1, "fp32", True, "permutation"),
+    (3, 5, 5, 0.05, 5, "fp16", False, "argmax"),
+    (8, 5, 9, 1.0, 20, "bf16", True, "permutation"),
+    (8, 16, 16, 0.1, 5, "fp32", False, "permutation"),
+    (3, 13, 32, 0.05, 20, "fp32", True, "argmax"),
+    (1, 16, 16, 1.0, 1, "bf16", False, "argmax"),
+    (3, 13, 32, 0.1, 5, "fp16", False, "permutation"),
+    (8, 5, 9, 0.05, 1, "fp32", True, "argmax"),
+]
+
+
+@pytest.mark.parametrize("b,q,t,eps,n_iters,dtype,contiguous,rounding", SINKHORN_CASES)
+def test_sinkhorn_match_triton(rng_seed, b, q, t, eps, n_iters, dtype, contiguous, rounding):
+    cost = make_cost(b, q, t, DTYPES[dtype], contiguous)
+    check_sinkhorn(cost, eps, n_iters, rounding)
+
+
+def test_two_dimensional_cost_and_default_rounding(rng_seed):
+    cost = torch.rand(6, 9, device=DEVICE)
+    index, plan = sk.sinkhorn_match(cost, backend="triton")
+    index3, plan3 = sk.sinkhorn_match(cost[None], backend="triton")
+    assert index.shape == (6,) and plan.shape == (6, 9)
+    assert torch.equal(index, index3[0]) and torch.equal(plan, plan3[0])
+    assert len(set(index.tolist())) == 6  # "permutation" is the default
+
+
+@pytest.mark.parametrize("tile", [16, 32])
+def test_every_tile_configuration(rng_seed, monkeypatch, tile):
+    """Each (problems per program, num_warps) the tuner may pick, on a batch that none divides."""
+    q, t = tile // 2 + 1, tile - 3
+    cost = make_cost(5, q, t, torch.float32, True)
+    for config in sm.sinkhorn_candidates(tile):
+        monkeypatch.setitem(sm._TUNED, ("sinkhorn_match", q, t, 0, torch.float32), config)
+        check_sinkhorn(cost, 0.1, 5, "permutation")
+
+
+def test_sliced_input_reads_strides_without_copy(rng_seed):
+    base = torch.rand(4, 7, 20, device=DEVICE)
+    cost = base[1:, 1:, ::2]  # strides (140, 20, 2), offset storage
+    check_sinkhorn(cost, 0.1, 5, "permutation")
+    before = base.clone()
+    sk.sinkhorn_match(cost, backend="triton")
+    assert torch.equal(base, before)
+
+
+def test_exact_ties_break_like_the_reference():
+    # Every entry equal: the plan is uniform, rounding must pick the lowest flat index each time.
+    cost = torch.ones(2, 4, 6, device=DEVICE)
+    for rounding in ("permutation", "argmax"):
+        index, plan = sk.sinkhorn_match(cost, rounding=rounding, backend="triton")
+        ref_index, ref_plan = sk.sinkhorn_match(cost, rounding=rounding, backend="torch")
+        torch.testing.assert_close(plan, ref_plan, rtol=1e-6, atol=0)
+        assert torch.equal(index, round_plan(plan, rounding))
+    assert torch.equal(
+        sk.sinkhorn_match(cost, rounding="argmax", backend="triton").index.cpu(),
+        torch.zeros(2, 4, dtype=torch.long),
+    )
+
+
+@pytest.mark.parametrize(
+    "b,q,t,dtype,contiguous,rounding",
+    [(2, 5, 150, "fp16", False, "argmax"), (1, 70, 140, "fp32", True, "permutation")],
+)
+def test_large_t_loop_path(rng_seed, b, q, t, dtype, contiguous, rounding):
+    assert t > sm.TILE_LIMIT
+    cost = make_cost(b, q, t, DTYPES[dtype], contiguous)
+    check_sinkhorn(cost, 0.1, 5, rounding)
+
+
+def test_empty_batch():
+    index, plan = sk.sinkhorn_match(torch.rand(0, 3, 4, device=DEVICE), backend="triton")
+    assert index.shape == (0, 3) and plan.shape == (0, 3, 4)
+
+
+# ----------------------------------------------------------------------------- match_tokens
+
+TOKEN_CASES = [
+    # images, views, q, t, d, dtype, contiguous, rounding, eps, n_iters
+    (3, 1, 5, 5, 8, "fp32", True, "permutation", 0.1, 5),
+    (2, 4, 16, 16, 40, "fp16", True, "argmax", 0.1, 5),
+    (2, 4, 13, 16, 96, "bf16", False, "permutation", 0.1, 5),
+    (1, 1, 16, 16, 96, "fp32", False, "argmax", 1.0, 20),
+    (2, 4, 5, 9, 40, "fp32", True, "permutation", 0.05, 1),
+]
+
+
+@pytest.mark.parametrize("images,views,q,t,d,dtype,contiguous,rounding,eps,n_iters", TOKEN_CASES)
+def test_match_tokens_triton(
+    rng_seed, images, views, q, t, d, dtype, contiguous, rounding, eps, n_iters
+):
+    dtype = DTYPES[dtype]
+    if contiguous:
+        pred = torch.randn(images * views, q, d, device=DEVICE).to(dtype)
+        target = torch.randn(images, t, d, device=DEVICE).to(dtype)
+    else:  # token dimension not innermost
+        pred = torch.randn(images * views, d, q, device=DEVICE).to(dtype).transpose(1, 2)
+        target = torch.randn(images, d, t, device=DEVICE).to(dtype).transpose(1, 2)
+    check_tokens(pred, target, eps, n_iters, rounding)
+
+
+def test_match_tokens_mixed_dtypes(rng_seed):
+    pred = torch.randn(4, 6, 24, device=DEVICE).half()
+    target = torch.randn(2, 6, 24, device=DEVICE)
+    check_tokens(pred, target, 0.1, 5, "permutation")
+
+
+def test_match_tokens_large_t(rng_seed):
+    pred = torch.randn(2, 3, 8, device=DEVICE)
+    target = torch.randn(1, 140, 8, device=DEVICE)
+    check_tokens(pred, target, 0.1, 5, "permutation")
+
+
+def test_match_tokens_views_are_close_to_the_target(rng_seed):
+    """STELLAR-like tokens: each view is a noisy copy of the target, so matching is near identity."""
+    target = torch.nn.functional.layer_norm(torch.randn(2, 16, 64, device=DEVICE), (64,))
+    perm = torch.stack([torch.randperm(16, device=DEVICE) for _ in range(6)])
+    pred = target.repeat_interleave(3, 0).gather(1, perm[..., None].expand(-1, -1, 64))
+    pred = pred + 0.05 * torch.randn_like(pred)
+    index, _ = check_tokens(pred, target, 0.1, 5, "permutation")
+    assert torch.equal(index, perm)
+
+
+# ----------------------------------------------------------------------------- backend, ops, compile
+
+
+def test_cuda_default_is_triton(monkeypatch):
+    monkeypatch.delenv("STELLAR_KERNELS_BACKEND", raising=False)
+    for op in ("sinkhorn_match", "match_tokens"):
+        chosen = resolve_backend(
+            op, None, torch.device("cuda"), ("torch", "triton"), sm.DEFAULT_CUDA_BACKEND, "torch"
+        )
+        assert chosen == "triton"
+
+
+def test_custom_ops_pass_opcheck(rng_seed):
+    cost = make_cost(3, 5, 7, torch.float32, False)
+    torch.library.opcheck(
+        torch.ops.stellar_kernels.sinkhorn_match.default, (cost, 0.1, 5, "argmax")
+    )
+    pred = torch.randn(4, 5, 24, device=DEVICE)
+    target = torch.randn(2, 6, 24, device=DEVICE)
+    torch.library.opcheck(
+        torch.ops.stellar_kernels.match_tokens.default, (pred, target, 0.1, 3, "permutation")
+    )
+
+
+def test_torch_compile_fullgraph(rng_seed):
+    def step(cost, pred, target):
+        index, plan = sk.sinkhorn_match(cost, validate=False, backend="triton")
+        t_index, t_plan = sk.match_tokens(pred, target, validate=False, backend="triton")
+        return index, plan.sum(-1), t_index, t_plan * 2
+
+    cost = torch.rand(3, 5, 9, device=DEVICE)
+    pred = torch.randn(4, 5, 24, device=DEVICE)
+    target = torch.randn(2, 7, 24, device=DEVICE)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(cost, pred, target)
+    want = step(cost, pred, target)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[3], want[3])
+
+
+_COMPILE_SCRIPT = """
+import sys
+from stellar_kernels.sinkhorn_match import gpu_compile_specs
+from stellar_kernels.testing import compile_for_gpu
+
+arch = int(sys.argv[1])
+specs = gpu_compile_specs()
+for label, kernel, args, num_warps in specs:
+    try:
+        compiled = compile_for_gpu(kernel, args, arch=arch, num_warps=num_warps)
+    except Exception as err:
+        raise SystemExit(f"sm_{arch}: {label} does not compile: {err}")
+    assert f".target sm_{arch}" in compiled.asm["ptx"], label
+print(f"compiled {len(specs)} kernels for sm_{arch}")
+"""
+
+
+def test_every_kernel_configuration_compiles_for_sm80_and_sm90():
+    """triton.compile of every kernel and configuration the launchers can choose.
+
+    It runs in fresh processes without TRITON_INTERPRET: under the interpreter the @triton.jit
+    helpers the kernels call are interpreter objects that the GPU compiler cannot inline.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    procs = {
+        arch: subprocess.Popen(
+            [sys.executable, "-c", _COMPILE_SCRIPT, str(arch)],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for arch in (80, 90)
+    }
+    count = len(sm.gpu_compile_specs())
+    for arch, proc in procs.items():
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-6000:]
+        assert f"compiled {count} kernels for sm_{arch}" in out
+
+
+# ----------------------------------------------------------------------------- GPU, full size
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("rounding", ["permutation", "argmax"])
+def test_gpu_sinkhorn_match_full_size(rng_seed, dtype, rounding):
+    cost = make_cost(512, 16, 16, DTYPES[dtype], dtype != "fp16", device="cuda")
+    check_sinkhorn(cost, 0.1, 5, rounding)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_gpu_match_tokens_full_size(rng_seed, dtype):
+    dtype = DTYPES[dtype]
+    pred = torch.randn(512, 16, 768, device="cuda").to(dtype)
+    target = torch.randn(64, 16, 768, device="cuda").to(dtype)
+    for rounding in ("permutation", "argmax"):
+        check_tokens(pred, target, 0.1, 5, rounding)
+    check_tokens(pred.transpose(0, 1).contiguous().transpose(0, 1), target, 0.1, 5, "permutation")
+
+
+@pytest.mark.gpu
+def test_gpu_every_candidate_configuration(rng_seed, monkeypatch):
+    """Each configuration the tuner may pick, not only the one it picked, computes the same."""
+    cost = make_cost(509, 16, 16, torch.float32, True, device="cuda")
+    for config in sm.sinkhorn_candidates(16):
+        monkeypatch.setitem(sm._TUNED, ("sinkhorn_match", 16, 16, 0, torch.float32), config)
+        check_sinkhorn(cost, 0.1, 5, "permutation")
+    pred = torch.randn(512, 16, 768, device="cuda")
+    target = torch.randn(64, 16, 768, device="cuda")
+    for warps in sm.match_tokens_candidates(16):
+        monkeypatch.setitem(sm._TUNED, ("match_tokens", 16, 16, 768, torch.float32), warps)
+        check_tokens(pred, target, 0.1, 5, "permutation")
+    for q, t in [(30, 32), (64, 64), (100, 128)]:
+        check_sinkhorn(
+            make_cost(64, q, t, torch.float32, True, device="cuda"), 0.1, 5, "permutation"
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rounding", ["permutation", "argmax"])
+def test_gpu_large_t(rng_seed, rounding):
+    check_sinkhorn(make_cost(6, 150, 200, torch.float32, False, device="cuda"), 0.1, 5, rounding)
+    pred = torch.randn(4, 150, 64, device="cuda")
+    target = torch.randn(2, 160, 64, device="cuda")
+    check_tokens(pred, target, 0.1, 5, rounding)
+
+
+@pytest.mark.gpu
+def test_gpu_no_host_sync_and_cuda_graph(rng_seed):
+    cost = torch.rand(512, 16, 16, device="cuda")
+    pred = torch.randn(512, 16, 768, device="cuda")
+    target = torch.randn(64, 16, 768, device="cuda")
+
+    def step():
+        a = sk.sinkhorn_match(cost, validate=False)
+        b = sk.match_tokens(pred, target, validate=False)
+        return a.index, a.plan, b.index, b.plan
+
+    want = step()  # tunes (and synchronizes) once per shape
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        out = step()
+    cost.copy_(torch.rand_like(cost))
+    pred.copy_(torch.randn_like(pred))
+    graph.replay()
+    torch.cuda.synchronize()
+    fresh = step()
+    for got, expected in zip(out, fresh):
+        assert torch.equal(got, expected)
+    assert want[1].shape == out[1].shape
