@@ -211,7 +211,7 @@ def test_triton_zero_patch_gives_uniform_row(rng_seed, dtype):
     g = grads(
         [spatial, lowrank],
         (dense, sparse, values),
-        [torch.randn(spatial.shape), torch.randn(lowrank.shape)],
+        [torch.randn(o.shape, device=o.device) for o in (spatial, lowrank)],
     )
     assert all(torch.isfinite(x).all() for x in g)
 
@@ -246,28 +246,34 @@ def test_triton_backward_split_is_deterministic(rng_seed, monkeypatch, split):
     runs = []
     for _ in range(2):
         out = sk.factorize(*inputs, 0.1, backend="triton")
-        runs.append(grads(out, inputs, [torch.ones(o.shape) for o in out]))
+        runs.append(grads(out, inputs, [torch.ones(o.shape, device=o.device) for o in out]))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
 
 
 def test_unsupported_inputs_use_the_reference(rng_seed):
     """float64, mixed dtypes and K > 64 take the PyTorch path even when Triton is asked for."""
+    f64, bf16 = torch.float64, torch.bfloat16
     cases = [
-        (
-            torch.randn(1, 5, 8, dtype=torch.float64),
-            torch.randn(1, 3, 8, dtype=torch.float64),
-            torch.randn(1, 3, 4, dtype=torch.float64),
-        ),
-        (torch.randn(1, 5, 8), torch.randn(1, 3, 8), torch.randn(1, 3, 4, dtype=torch.bfloat16)),
-        (torch.randn(1, 5, 8), torch.randn(1, 65, 8), torch.randn(1, 65, 4)),
+        ((1, 5, 8), (1, 3, 8), (1, 3, 4), f64, f64),
+        ((1, 5, 8), (1, 3, 8), (1, 3, 4), torch.float32, bf16),
+        ((1, 5, 8), (1, 65, 8), (1, 65, 4), torch.float32, torch.float32),
     ]
-    for dense, sparse, values in cases:
-        backend = "triton" if CAN_RUN_TRITON else "torch"
+    backend = "triton" if CAN_RUN_TRITON else "torch"
+    for sd, ss, sv, dtype, vdtype in cases:
+        dense, sparse = (torch.randn(s, device=DEVICE, dtype=dtype) for s in (sd, ss))
+        values = torch.randn(sv, device=DEVICE, dtype=vdtype)
+        assert loc._pick("factorize", backend, dense, sparse, values) == "torch"
         got = sk.factorize(dense, sparse, values, 0.1, backend=backend)
         want = loc.factorize_reference(dense, sparse, values, 0.1)
         for g, w in zip(got, want):
             assert torch.equal(g, w)
+
+
+def test_cpu_default_backend_is_torch(monkeypatch):
+    monkeypatch.delenv("STELLAR_KERNELS_BACKEND", raising=False)
+    x = torch.randn(1, 4, 8)
+    assert loc._pick("factorize", None, x, x, x) == "torch"
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -280,7 +286,7 @@ def test_opcheck_forward_and_backward(rng_seed):
     torch.library.opcheck(loc._factorize_op, (dense, sparse, None, 0.3))
     spatial, lowrank, cos, rnorm, snorm = loc._factorize_op(dense, sparse, values, 0.3)
     saved = [x.detach() for x in (dense, sparse, values)]
-    gs, gl = torch.randn(spatial.shape), torch.randn(lowrank.shape)
+    gs, gl = (torch.randn(o.shape, device=o.device) for o in (spatial, lowrank))
     for grad_spatial, grad_lowrank in [(gs, gl), (None, gl), (gs, None)]:
         torch.library.opcheck(
             loc._factorize_backward_op,
