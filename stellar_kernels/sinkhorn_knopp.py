@@ -39,7 +39,9 @@ L2 only when the rows in flight fit there.
 
 Memory: besides q, the call allocates m, b, a and one (P,) column-sum vector
 (O(N + P) float32); the partial buffers are carved out of q before q is
-written (a separate O(P) buffer only when N is too small to hold them).
+written (a separate O(P) buffer only when N is too small to hold them). The
+NaN scan (validate=True) is a max reduction, which propagates NaN, instead of
+an N x P boolean mask.
 
 Across ranks (torch.distributed initialized, or `group` given, and not
 `local`): after pass 1 the column max is all-reduced with MAX, each rank
@@ -388,6 +390,8 @@ def _triton_sinkhorn_knopp(
     device = scores.device
     f32 = torch.float32
     q = torch.empty((N, P), dtype=f32, device=device)
+    if q.numel() == 0:
+        return q
     scratch = q.view(-1)  # holds partial statistics until the last pass writes q
     m = torch.empty(P, dtype=f32, device=device)
     b = torch.empty(P, dtype=f32, device=device)
@@ -467,6 +471,14 @@ def _sinkhorn_knopp_fake(scores, n_iters, scale, eps):
     return scores.new_empty(scores.shape, dtype=torch.float32)
 
 
+def _check_not_nan(scores: torch.Tensor) -> None:
+    """NaN scan without an N x P temporary: a max reduction propagates NaN (one host sync)."""
+    if scores.numel() == 0:
+        return
+    if torch.isnan(scores.amax()):
+        check_not_nan("scores", scores)  # raises the shared error message
+
+
 def sinkhorn_knopp(
     scores: torch.Tensor,
     n_iters: int = 3,
@@ -493,14 +505,15 @@ def sinkhorn_knopp(
         validate: scan `scores` for NaN (a host synchronization); False skips it.
 
     Returns:
-        q (N, P) float32; `scores` is not modified.
+        q (N, P) float32; `scores` is not modified. The result is a target: no gradient
+        flows through it (the Triton custom op has no autograd formula).
     """
     check_tensor("scores", scores, (2,))
     n_iters = check_iterations("n_iters", n_iters)
     scale = check_positive("scale", scale)
     eps = check_positive("eps", eps)
     if validate:
-        check_not_nan("scores", scores)
+        _check_not_nan(scores)
     impl = resolve_backend(
         "sinkhorn_knopp",
         backend,

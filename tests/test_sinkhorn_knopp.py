@@ -59,6 +59,15 @@ def test_huge_logits_stay_finite(rng_seed):
     check_float64(q, scores, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_nan_raises_unless_validate_false(rng_seed, backend):
+    scores = torch.randn(30, 41).to(torch.bfloat16).to(DEVICE)
+    scores[17, 29] = float("nan")
+    with pytest.raises(ValueError, match="scores contains NaN"):
+        sk.sinkhorn_knopp(scores, backend=backend)
+    sk.sinkhorn_knopp(scores, backend=backend, validate=False)  # no scan, no error
+
+
 def test_input_unchanged(rng_seed):
     scores = torch.randn(10, 12)
     before = scores.clone()
@@ -338,20 +347,24 @@ def test_gpu_huge_logits_and_scale(rng_seed):
 
 @pytest.mark.gpu
 @needs_triton
-@pytest.mark.parametrize("n,p", [(2048, 16384), (256, 40000)])
-def test_gpu_peak_memory_is_output_plus_vectors(record_property, n, p):
+@pytest.mark.parametrize(
+    "n,p,validate", [(2048, 16384, True), (2048, 16384, False), (256, 40000, True)]
+)
+def test_gpu_peak_memory_is_output_plus_vectors(record_property, n, p, validate):
     scores = torch.randn(n, p, device="cuda")
     sk.sinkhorn_knopp(scores, backend="triton", validate=False)  # compile outside the measure
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    q = sk.sinkhorn_knopp(scores, backend="triton", validate=False)
+    q = sk.sinkhorn_knopp(scores, backend="triton", validate=validate)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     output = q.numel() * 4
     vectors = (3 * p + n) * 4
     record_property("peak_extra_bytes", extra)
-    print(f"sinkhorn_knopp ({n}, {p}): peak extra {extra} B = output {output} + {extra - output}")
+    print(
+        f"sinkhorn_knopp ({n}, {p}) validate={validate}: peak extra {extra} B = output {output} + {extra - output}"
+    )
     # The caching allocator rounds each of the four small vectors up to 512 B (or 2 MiB blocks).
     assert extra <= output + vectors + 4 * 512 + (2 << 20)
 

@@ -1,0 +1,138 @@
+"""sinkhorn_knopp: the fused Triton kernels against the eager PyTorch code and the memory floor.
+
+Baseline `torch_reference`: the CAPI/STELLAR-style eager code (exp with a
+column-max shift, then per iteration a column and a row normalization), as
+`sinkhorn_knopp_reference` implements it with one in-place float32 buffer.
+Floor: one read of the scores plus one write of q at the copy bandwidth
+measured in the same run. On a machine without a GPU "ours" is the default
+CPU backend (the PyTorch path), and every figure says so in "ours_backend".
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+import stellar_kernels as sk
+from benchmarks.common import copy_bandwidth_gbs, median_ms, vs_baseline, vs_floor
+from stellar_kernels.sinkhorn_knopp import sinkhorn_knopp_reference
+
+N_ITERS = 3
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def torch_reference(scores: torch.Tensor) -> torch.Tensor:
+    return sinkhorn_knopp_reference(scores, N_ITERS, 1.0, 1e-8, None)
+
+
+def ours(scores: torch.Tensor) -> torch.Tensor:
+    return sk.sinkhorn_knopp(scores, n_iters=N_ITERS, validate=False)
+
+
+def ours_backend(device: torch.device) -> str:
+    from stellar_kernels.sinkhorn_knopp import HAS_TRITON
+
+    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+
+
+def _scores(n: int, p: int, dtype: torch.dtype, device) -> torch.Tensor:
+    # Cosine-similarity logits divided by the SK temperature 0.06, as in the paper.
+    return ((torch.rand(n, p, device=device) * 2 - 1) / 0.06).to(dtype)
+
+
+# --- pytest-benchmark: full sizes on a GPU, a small case on the CPU ---------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_N2048_P16384_fp32")
+def test_sinkhorn_knopp_ours_N2048_P16384_fp32(run, device):
+    run(ours, _scores(2048, 16384, torch.float32, device), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_N2048_P16384_fp32")
+def test_sinkhorn_knopp_torch_reference_N2048_P16384_fp32(run, device):
+    run(torch_reference, _scores(2048, 16384, torch.float32, device), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_N2048_P16384_bf16")
+def test_sinkhorn_knopp_ours_N2048_P16384_bf16(run, device):
+    run(ours, _scores(2048, 16384, torch.bfloat16, device), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_N2048_P16384_bf16")
+def test_sinkhorn_knopp_torch_reference_N2048_P16384_bf16(run, device):
+    run(torch_reference, _scores(2048, 16384, torch.bfloat16, device), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_N1024_P16384_fp32")
+def test_sinkhorn_knopp_ours_N1024_P16384_fp32(run, device):
+    run(ours, _scores(1024, 16384, torch.float32, device), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_N1024_P16384_fp32")
+def test_sinkhorn_knopp_torch_reference_N1024_P16384_fp32(run, device):
+    run(torch_reference, _scores(1024, 16384, torch.float32, device), rounds=20)
+
+
+@pytest.mark.benchmark(group="sinkhorn_knopp_N256_P2048_fp32")
+def test_sinkhorn_knopp_default_backend_N256_P2048_fp32(run, device):
+    """The default backend for the device (the PyTorch path on the CPU)."""
+    run(ours, _scores(256, 2048, torch.float32, device), rounds=5)
+
+
+@pytest.mark.benchmark(group="sinkhorn_knopp_N256_P2048_fp32")
+def test_sinkhorn_knopp_torch_reference_N256_P2048_fp32(run, device):
+    run(torch_reference, _scores(256, 2048, torch.float32, device), rounds=5)
+
+
+# --- fixed-name figures for benchmarks/results.py ---------------------------------------------
+
+
+def figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """sinkhorn_knopp/N2048_P16384_{fp32,bf16}, sinkhorn_knopp_floor/N2048_P16384_fp32,
+    sinkhorn_knopp/N1024_P16384_fp32 (smaller N under --quick, named by the size measured)."""
+    backend = ours_backend(device)
+    timing = {} if device.type == "cuda" else {"warmup": 1, "rep": 5}
+    extra = {"ours_backend": backend, "n_iters": N_ITERS}
+    if backend == "torch":
+        extra["note"] = "no CUDA device: ours is the PyTorch path, the same code as the baseline"
+    out = []
+    timed: dict[tuple[int, int, str], float] = {}
+    for n, p, dt in [(2048, 16384, "fp32"), (2048, 16384, "bf16"), (1024, 16384, "fp32")]:
+        if quick:
+            n = n // 8
+        scores = _scores(n, p, DTYPES[dt], device)
+        q = ours(scores)
+        torch.testing.assert_close(q, torch_reference(scores), rtol=1e-4, atol=1e-7)
+        del q
+        ours_ms = median_ms(partial(ours, scores), device, **timing)
+        base_ms = median_ms(partial(torch_reference, scores), device, **timing)
+        timed[(n, p, dt)] = ours_ms
+        out.append(
+            vs_baseline(
+                f"sinkhorn_knopp/N{n}_P{p}_{dt}", ours_ms, "torch_reference", base_ms, **extra
+            )
+        )
+    n, p = (2048 // 8 if quick else 2048), 16384
+    bandwidth = copy_bandwidth_gbs(device)
+    floor_bytes = n * p * 4 + n * p * 4  # read the fp32 scores once, write q once
+    out.insert(
+        2,
+        vs_floor(
+            f"sinkhorn_knopp_floor/N{n}_P{p}_fp32",
+            timed[(n, p, "fp32")],
+            floor_bytes,
+            bandwidth,
+            copy_bandwidth_gbs=round(bandwidth, 1),
+            **({"hbm_passes": N_ITERS + 2} if backend == "triton" else {}),
+            **extra,
+        ),
+    )
+    return out
