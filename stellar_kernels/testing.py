@@ -100,3 +100,41 @@ def compile_for_gpu(
     if "cubin" not in compiled.asm:
         raise RuntimeError(f"compile_for_gpu: no cubin produced for {fn.__name__} on sm_{arch}")
     return compiled
+
+
+def run_in_fresh_processes(
+    file: str, function: str, archs: tuple[int, ...] = (80, 90), timeout: float = 600
+) -> list[str]:
+    """Calls `function(arch)` of the module at `file`, once per arch, in parallel processes.
+
+    GPU compilation must happen where TRITON_INTERPRET is unset: with the interpreter
+    on, triton (3.8) cannot compile kernels that do arithmetic on scalar arguments. The
+    module is loaded from its file, so a test module can hold the function. Returns each
+    process's standard output; raises AssertionError with the error output of a failure.
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    load = (
+        "import importlib.util as u; "
+        f"s = u.spec_from_file_location('_fresh_process_module', {file!r}); "
+        "m = u.module_from_spec(s); s.loader.exec_module(m); "
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", load + f"m.{function}({arch})"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for arch in archs
+    ]
+    outputs = []
+    for arch, proc in zip(archs, procs):
+        out, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, f"{function}({arch}) failed:\n{err[-6000:]}"
+        outputs.append(out)
+    return outputs
