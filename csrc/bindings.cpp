@@ -16,6 +16,12 @@ bool cuda_built() {
 
 TORCH_LIBRARY(stellar_ext, m) {
   m.def("hungarian(Tensor cost, bool maximize) -> (Tensor index, Tensor status)");
+  // Test-only: the CUDA kernel's lane decomposition emulated on the CPU, and the
+  // CUDA kernel with a forced scratch placement (see ops.h).
+  m.def("hungarian_emulated_warp(Tensor cost, bool maximize) -> (Tensor index, Tensor status)");
+  m.def(
+      "hungarian_cuda_scratch(Tensor cost, bool maximize, int scratch) -> (Tensor index, Tensor "
+      "status)");
   m.def("cuda_built() -> bool", &cuda_built);
 }
 

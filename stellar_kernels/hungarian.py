@@ -1,6 +1,7 @@
 """Exact linear assignment, batched: the C++ solver on CPU, the CUDA kernel on GPU.
 
-Both run the one shortest-augmenting-path solver of csrc/hungarian.h.
+Both run the one shortest-augmenting-path solver of csrc/hungarian.h: one CPU
+thread per problem, or one CUDA warp per problem whose lanes sweep the columns.
 Forbidden pairs are +inf when minimizing and -inf when maximizing (scipy's
 convention; +inf is forbidden when maximizing too).
 """
@@ -89,10 +90,30 @@ def hungarian_match(
     return index if cost.dim() == 3 else index[0]
 
 
+def hungarian_emulated_warp(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
+    """Test aid: the CUDA kernel's 32-lane decomposition of the solver, run on the CPU.
+
+    Same contract as hungarian_match on a CPU tensor (status checked, ValueError
+    on NaN or infeasible problems); its result equals the CUDA kernel's.
+    """
+    check_tensor("cost", cost, (2, 3), HUNGARIAN_DTYPES)
+    check_rows_fit("cost", cost.shape)
+    if cost.device.type != "cpu":
+        raise ValueError(
+            f"hungarian_emulated_warp runs on the CPU, got a {cost.device.type} tensor"
+        )
+    load_extension()
+    batched = _prepare(cost if cost.dim() == 3 else cost.unsqueeze(0), maximize)
+    index, status = torch.ops.stellar_ext.hungarian_emulated_warp(batched, maximize)
+    _raise_on_status(status, cost.shape)
+    return index if cost.dim() == 3 else index[0]
+
+
 def _raise_on_status(status: torch.Tensor, shape: torch.Size) -> None:
-    bad = status.nonzero().flatten().tolist()
-    if not bad:
+    # One flag read (one host synchronization on a GPU); details only on failure.
+    if not bool(status.any()):
         return
+    bad = status.nonzero().flatten().tolist()
     codes = status[bad].tolist()
     first = bad[0]
     if _STATUS_INVALID in codes:

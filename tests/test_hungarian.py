@@ -1,4 +1,12 @@
-"""hungarian_match (C++ solver) against scipy.optimize.linear_sum_assignment."""
+"""hungarian_match against scipy.optimize.linear_sum_assignment.
+
+Every CPU case runs twice: through the C++ solver (one thread per problem) and
+through the CUDA kernel's 32-lane decomposition of the same solver emulated on
+the CPU (hungarian_emulated_warp), so the warp logic is checked here too. The
+gpu-marked tests run the CUDA kernel itself.
+"""
+
+import shutil
 
 import numpy as np
 import pytest
@@ -6,7 +14,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 import stellar_kernels as sk
-from stellar_kernels._extension import cuda_extension_built
+from stellar_kernels._extension import cuda_extension_built, load_extension
+from stellar_kernels.hungarian import _prepare, hungarian_emulated_warp
+
+SOLVERS = {"cpp": sk.hungarian_match, "warp_emulated": hungarian_emulated_warp}
+
+
+@pytest.fixture(params=sorted(SOLVERS))
+def solve(request):
+    return SOLVERS[request.param]
 
 
 def scipy_total(cost: np.ndarray, maximize: bool) -> np.ndarray:
@@ -18,18 +34,24 @@ def scipy_total(cost: np.ndarray, maximize: bool) -> np.ndarray:
 
 
 def total(cost: torch.Tensor, index: torch.Tensor) -> np.ndarray:
-    return cost.double().gather(2, index.unsqueeze(-1)).sum((1, 2)).numpy()
+    return cost.double().cpu().gather(2, index.cpu().unsqueeze(-1)).sum((1, 2)).numpy()
 
 
-def check_optimal(cost: torch.Tensor, maximize: bool = False):
-    index = sk.hungarian_match(cost, maximize=maximize)
+def check_optimal(cost: torch.Tensor, maximize: bool = False, solve=sk.hungarian_match):
+    index = solve(cost, maximize=maximize)
     assert index.shape == cost.shape[:2] and index.dtype == torch.int64
-    for row in index:
+    for row in index.cpu():
         assert len(set(row.tolist())) == cost.shape[1]  # one-to-one
     np.testing.assert_allclose(
-        total(cost, index), scipy_total(cost.double().numpy(), maximize), rtol=1e-9, atol=1e-6
+        total(cost, index), scipy_total(cost.double().cpu().numpy(), maximize), rtol=1e-9, atol=1e-6
     )
     return index
+
+
+def machol_wien(n: int) -> torch.Tensor:
+    """c_ij = i * j: a classic hard case for shortest-augmenting-path solvers."""
+    i = torch.arange(n, dtype=torch.float64)
+    return (i[:, None] * i[None, :])[None]
 
 
 @pytest.mark.parametrize(
@@ -39,69 +61,128 @@ def check_optimal(cost: torch.Tensor, maximize: bool = False):
         (64, 16, 16, torch.float32),
         (7, 5, 9, torch.float64),
         (3, 13, 32, torch.float32),
+        (4, 40, 70, torch.float32),
+        (3, 33, 33, torch.float64),
     ],
 )
-def test_random_floats(rng_seed, b, q, t, dtype):
-    check_optimal(torch.rand(b, q, t, dtype=dtype))
+def test_random_floats(rng_seed, solve, b, q, t, dtype):
+    check_optimal(torch.rand(b, q, t, dtype=dtype), solve=solve)
 
 
-def test_integer_costs_with_ties(rng_seed):
-    check_optimal(torch.randint(0, 4, (50, 8, 8)).double())
-    check_optimal(torch.zeros(3, 6, 6))
+def test_integer_costs_with_ties(rng_seed, solve):
+    check_optimal(torch.randint(0, 4, (50, 8, 8)).double(), solve=solve)
+    check_optimal(torch.randint(0, 3, (6, 37, 45)).float(), solve=solve)
+    check_optimal(torch.zeros(3, 6, 6), solve=solve)
 
 
-def test_negative_and_large_costs(rng_seed):
-    check_optimal((torch.rand(20, 9, 11).double() - 0.5) * 1e6)
+def test_negative_and_large_costs(rng_seed, solve):
+    check_optimal((torch.rand(20, 9, 11).double() - 0.5) * 1e6, solve=solve)
+    check_optimal(-torch.rand(5, 12, 12).double() * 1e12, solve=solve)
 
 
-def test_maximize(rng_seed):
-    check_optimal(torch.randn(20, 7, 10), maximize=True)
+def test_rectangular(rng_seed, solve):
+    check_optimal(torch.rand(10, 3, 50, dtype=torch.float64), solve=solve)
+    check_optimal(torch.randn(4, 31, 64), solve=solve)
 
 
-def test_forbidden_pairs(rng_seed):
+def test_maximize(rng_seed, solve):
+    check_optimal(torch.randn(20, 7, 10), maximize=True, solve=solve)
+    check_optimal(torch.randn(10, 16, 16).double(), maximize=True, solve=solve)
+
+
+def test_forbidden_pairs(rng_seed, solve):
     cost = torch.rand(30, 6, 8).double()
     forbid = torch.rand(30, 6, 8) < 0.3
     forbid[:, :, :6] &= ~torch.eye(6, dtype=torch.bool)  # keep a feasible diagonal
     cost[forbid] = float("inf")
-    index = sk.hungarian_match(cost)
+    index = solve(cost)
     assert not torch.isinf(cost.gather(2, index.unsqueeze(-1))).any()
     finite = cost.clone()
-    finite[forbid] = (
-        1e9  # scipy's optimum with a huge finite cost equals the forbidden-pair optimum
-    )
+    # scipy's optimum with a huge finite cost equals the forbidden-pair optimum
+    finite[forbid] = 1e9
     np.testing.assert_allclose(total(cost, index), scipy_total(finite.numpy(), False), rtol=1e-9)
 
 
-def test_forbidden_pairs_maximize(rng_seed):
+def test_forbidden_pairs_square(rng_seed, solve):
+    """Square problems with +inf skip the Jonker-Volgenant start; scipy handles inf itself."""
+    cost = torch.rand(20, 12, 12).double()
+    forbid = torch.rand(20, 12, 12) < 0.4
+    forbid &= ~torch.eye(12, dtype=torch.bool)
+    cost[forbid] = float("inf")
+    check_optimal(cost, solve=solve)
+
+
+def test_forbidden_pairs_maximize(rng_seed, solve):
     cost = torch.randn(10, 5, 5).double()
     cost[:, 0, 1:] = float("-inf")  # row 0 may only take column 0
-    index = check_optimal(cost, maximize=True)
+    index = check_optimal(cost, maximize=True, solve=solve)
     assert (index[:, 0] == 0).all()
 
 
-def test_infeasible_raises(rng_seed):
+def test_infeasible_raises(rng_seed, solve):
     cost = torch.rand(4, 3, 3)
     cost[2, :, 1] = float("inf")  # nobody may take column 1 in problem 2
     with pytest.raises(ValueError, match="no finite assignment.*problem 2"):
-        sk.hungarian_match(cost)
+        solve(cost)
+    cost = torch.rand(3, 2, 40)
+    cost[1, :, :39] = float("inf")  # two rows, one allowed column
+    with pytest.raises(ValueError, match="problem 1"):
+        solve(cost)
 
 
-def test_nan_raises():
+def test_nan_raises(solve):
     cost = torch.rand(2, 3, 3)
     cost[1, 1, 1] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        sk.hungarian_match(cost)
+        solve(cost)
 
 
-def test_large_problems(rng_seed):
-    check_optimal(torch.rand(2, 100, 100, dtype=torch.float64))
-    check_optimal(torch.rand(1, 300, 300, dtype=torch.float64))
+def test_one_by_one(solve):
+    assert solve(torch.tensor([[[3.5]]])).tolist() == [[0]]
+    assert solve(torch.tensor([[[2.0, -1.0, 5.0]]]), maximize=True).tolist() == [[2]]
 
 
-def test_two_dimensional_and_non_contiguous(rng_seed):
+def test_large_problems(rng_seed, solve):
+    check_optimal(torch.rand(2, 100, 100, dtype=torch.float64), solve=solve)
+    check_optimal(torch.rand(1, 300, 300, dtype=torch.float64), solve=solve)
+    check_optimal(machol_wien(100), solve=solve)
+
+
+@pytest.mark.parametrize("k", [2, 3, 6, 12])
+def test_many_small_square_problems(rng_seed, solve, k):
+    """Exercises the Jonker-Volgenant start (column reduction, row reduction) on ties and floats."""
+    check_optimal(torch.randint(0, 5, (400, k, k)).double(), solve=solve)
+    check_optimal(torch.rand(400, k, k), solve=solve)
+
+
+def test_warp_decomposition_equals_serial(rng_seed):
+    """Both teams break every tie the same way, so their assignments are identical."""
+    cases = [
+        torch.rand(50, 16, 16),
+        torch.rand(8, 20, 70).double(),
+        torch.randint(0, 3, (100, 9, 9)).float(),
+        torch.randint(0, 6, (4, 64, 64)).double(),
+        torch.randn(6, 45, 45),
+        machol_wien(40),
+    ]
+    forbidden = torch.rand(30, 10, 10).double()
+    forbidden[torch.rand(30, 10, 10) < 0.3] = float("inf")
+    forbidden[:, torch.arange(10), torch.arange(10)] = 0.5
+    cases.append(forbidden)
+    load_extension()
+    for cost in cases:
+        for maximize in (False, True):
+            prepared = _prepare(cost, maximize)
+            serial, s_status = torch.ops.stellar_ext.hungarian(prepared, maximize)
+            warp, w_status = torch.ops.stellar_ext.hungarian_emulated_warp(prepared, maximize)
+            assert torch.equal(s_status, w_status)
+            assert torch.equal(serial, warp), f"shape {tuple(cost.shape)}, maximize={maximize}"
+
+
+def test_two_dimensional_and_non_contiguous(rng_seed, solve):
     base = torch.rand(9, 5)
-    index = sk.hungarian_match(base.t())  # (5, 9) transposed view
-    expected = sk.hungarian_match(base.t().contiguous()[None])[0]
+    index = solve(base.t())  # (5, 9) transposed view
+    expected = solve(base.t().contiguous()[None])[0]
     assert torch.equal(index, expected)
 
 
@@ -129,40 +210,120 @@ def test_input_not_modified(rng_seed):
     assert torch.equal(cost, before)
 
 
+def test_validate_false_leaves_minus_one():
+    cost = torch.rand(3, 4, 4)
+    cost[1, :, 0] = float("inf")
+    index = sk.hungarian_match(cost, validate=False)
+    assert (index[1] == -1).all() and (index[[0, 2]] >= 0).all()
+
+
 def test_cuda_extension_built_when_toolkit_present():
     """With CUDA torch and nvcc available, pip install must have compiled the CUDA sources."""
-    import shutil
-
     if torch.version.cuda is None or shutil.which("nvcc") is None:
         pytest.skip(f"torch {torch.__version__} without CUDA or no nvcc: CUDA sources not expected")
     assert cuda_extension_built()
+    assert hasattr(torch.ops.stellar_ext, "hungarian_cuda_scratch")
+
+
+# --- the CUDA kernel itself -------------------------------------------------------------
+
+
+def check_cuda(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
+    """The CUDA result is optimal (scipy) and equal to the CPU solver's assignment."""
+    index = check_optimal(cost, maximize)
+    assert index.device == cost.device
+    on_cpu = sk.hungarian_match(cost.cpu(), maximize=maximize)
+    assert torch.equal(index.cpu(), on_cpu), "CUDA and CPU solvers broke a tie differently"
+    return index
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("b,q,t", [(512, 16, 16), (8, 5, 9), (4, 196, 196)])
-def test_cuda_matches_scipy(b, q, t):
-    cost = torch.rand(b, q, t, device="cuda", dtype=torch.float64)
-    index = sk.hungarian_match(cost)
-    assert index.device.type == "cuda"
-    np.testing.assert_allclose(
-        total(cost.cpu(), index.cpu()), scipy_total(cost.cpu().numpy(), False), rtol=1e-9
-    )
+@pytest.mark.parametrize(
+    "b,q,t,dtype",
+    [
+        (1, 1, 1, torch.float32),
+        (512, 16, 16, torch.float32),
+        (512, 16, 16, torch.float64),
+        (8, 5, 9, torch.float64),
+        (3, 13, 32, torch.float32),
+        (4, 40, 70, torch.float64),
+        (4, 196, 196, torch.float32),
+        (2, 196, 196, torch.float64),
+        (1, 300, 300, torch.float32),
+        (1, 1024, 1024, torch.float32),
+    ],
+)
+def test_cuda_matches_scipy(rng_seed, b, q, t, dtype):
+    check_cuda(torch.rand(b, q, t, device="cuda", dtype=dtype))
 
 
 @pytest.mark.gpu
-def test_cuda_infeasible_and_maximize():
-    cost = torch.randn(6, 4, 4, device="cuda")
-    index = sk.hungarian_match(cost, maximize=True)
-    np.testing.assert_allclose(
-        total(cost.cpu(), index.cpu()), scipy_total(cost.double().cpu().numpy(), True), rtol=1e-5
-    )
+def test_cuda_ties_negative_large_rectangular_maximize(rng_seed):
+    check_cuda(torch.randint(0, 4, (200, 8, 8), device="cuda").double())
+    check_cuda(torch.randint(0, 3, (6, 37, 45), device="cuda").float())
+    check_cuda((torch.rand(20, 9, 11, device="cuda").double() - 0.5) * 1e6)
+    check_cuda(torch.rand(10, 3, 50, device="cuda"))
+    check_cuda(torch.randn(20, 7, 10, device="cuda"), maximize=True)
+    check_cuda(torch.randn(64, 16, 16, device="cuda").double(), maximize=True)
+    check_cuda(machol_wien(300).cuda())
+
+
+@pytest.mark.gpu
+def test_cuda_forbidden_infeasible_nan(rng_seed):
+    cost = torch.rand(20, 12, 12, device="cuda").double()
+    forbid = torch.rand(20, 12, 12, device="cuda") < 0.4
+    forbid &= ~torch.eye(12, dtype=torch.bool, device="cuda")
+    cost[forbid] = float("inf")
+    check_cuda(cost)
+    cost = torch.randn(10, 5, 5, device="cuda")
+    cost[:, 0, 1:] = float("-inf")
+    assert (check_cuda(cost, maximize=True)[:, 0] == 0).all()
+    cost = torch.rand(6, 4, 4, device="cuda")
     cost[3, :, 2] = float("inf")
-    with pytest.raises(ValueError, match="problem 3"):
+    with pytest.raises(ValueError, match="no finite assignment.*problem 3"):
+        sk.hungarian_match(cost)
+    index = sk.hungarian_match(cost, validate=False)
+    assert (index[3] == -1).all().item() and (index[[0, 1, 2, 4, 5]] >= 0).all().item()
+    cost[3, 1, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
         sk.hungarian_match(cost)
 
 
-@pytest.mark.parametrize("k", [2, 3, 6, 12])
-def test_many_small_square_problems(rng_seed, k):
-    """Exercises the Jonker-Volgenant start (column reduction, row reduction) on ties and floats."""
-    check_optimal(torch.randint(0, 5, (400, k, k)).double())
-    check_optimal(torch.rand(400, k, k))
+@pytest.mark.gpu
+@pytest.mark.parametrize("scratch", [1, 2, 3])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_cuda_every_scratch_placement(rng_seed, scratch, maximize):
+    """Shared memory, cost in global memory, everything in global memory: same answers."""
+    load_extension()
+    for cost in (
+        torch.rand(40, 16, 16, device="cuda"),
+        torch.rand(5, 20, 70, device="cuda").double(),
+        torch.rand(3, 50, 50, device="cuda").transpose(1, 2),  # strided
+    ):
+        prepared = _prepare(cost, maximize)
+        index, status = torch.ops.stellar_ext.hungarian_cuda_scratch(prepared, maximize, scratch)
+        assert (status == 0).all().item()
+        expected, _ = torch.ops.stellar_ext.hungarian(prepared.cpu(), maximize)
+        assert torch.equal(index.cpu(), expected)
+
+
+@pytest.mark.gpu
+def test_cuda_runs_on_the_current_stream(rng_seed):
+    cost = torch.rand(256, 16, 16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        index = sk.hungarian_match(cost, validate=False)
+    stream.synchronize()
+    assert torch.equal(index.cpu(), sk.hungarian_match(cost.cpu()))
+
+
+@pytest.mark.gpu
+def test_cuda_non_contiguous_and_half(rng_seed):
+    base = torch.rand(4, 9, 5, device="cuda")
+    check_cuda(base.transpose(1, 2))
+    cost = torch.rand(4, 6, 6, device="cuda").half()
+    index = sk.hungarian_match(cost)
+    np.testing.assert_allclose(
+        total(cost.float(), index), scipy_total(cost.double().cpu().numpy(), False), rtol=1e-6
+    )
