@@ -20,6 +20,7 @@ K <= 64 (float32 accumulation; float32 dots use IEEE precision, not TF32).
 float64 inputs, mixed dtypes, K > 64 and empty inputs use the PyTorch reference.
 """
 
+import functools
 import types
 
 import torch
@@ -403,12 +404,17 @@ def _factorize_bwd_reduce_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
+# Tile sizes and warps, chosen without spills (ptxas -v) for every dtype and BLOCK_K on
+# sm_90: the forward holds few tiles; the backward holds about ten (BLOCK_N, BLOCK_K)
+# float32 tiles besides its chunks, hence narrower chunks and 8 warps.
 FWD_BLOCK_N = 64
+FWD_BLOCK_D = 64
 BWD_BLOCK_N = 64
-BLOCK_D = 64
+BWD_BLOCK_D = 32
+BWD_NUM_WARPS = 8
 REDUCE_BLOCK_F = 256
-# The backward aims at this many programs per streaming multiprocessor; fewer
-# programs per image means fewer partial sums to write and add.
+# The backward aims at this many programs per streaming multiprocessor (two resident
+# at 8 warps); fewer programs per image mean fewer partial sums to write and add.
 BWD_PROGRAMS_PER_SM = 2
 # Tests set this to force the backward's split of the patch blocks over programs.
 _BWD_SPLIT_OVERRIDE: int | None = None
@@ -420,14 +426,19 @@ def _block_k(k: int) -> int:
     return max(16, triton.next_power_of_2(k))
 
 
-def _num_warps(block_k: int) -> int:
-    return 8 if block_k >= 64 else 4
+def _fwd_num_warps(block_k: int) -> int:
+    return 4 if block_k <= 16 else 8
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _bwd_split(batch: int, n_blocks: int, device: torch.device) -> tuple[int, int]:
@@ -479,8 +490,8 @@ def _fwd_launch(
         INTERPRET=triton_interpreting(),
         BLOCK_N=FWD_BLOCK_N,
         BLOCK_K=block_k,
-        BLOCK_D=BLOCK_D,
-        num_warps=_num_warps(block_k),
+        BLOCK_D=FWD_BLOCK_D,
+        num_warps=_fwd_num_warps(block_k),
     )
     return spatial, lowrank, cos, rnorm, snorm
 
@@ -548,8 +559,8 @@ def _bwd_launch(
         INTERPRET=triton_interpreting(),
         BLOCK_N=BWD_BLOCK_N,
         BLOCK_K=block_k,
-        BLOCK_D=BLOCK_D,
-        num_warps=_num_warps(block_k),
+        BLOCK_D=BWD_BLOCK_D,
+        num_warps=BWD_NUM_WARPS,
     )
     n_features = max(dim, dv_dim if has_gl else 0)
     if n_features > 0:
@@ -594,7 +605,6 @@ def _gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
                 MODE=mode,
                 INTERPRET=False,
                 BLOCK_K=block_k,
-                BLOCK_D=BLOCK_D,
                 **{f"s_d{a}": v for a, v in rows.items()},
                 **{f"s_s{a}": v for a, v in toks.items()},
                 **{f"s_v{a}": v for a, v in toks.items()},
@@ -610,6 +620,7 @@ def _gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
                 snorm_ptr=f32,
                 n_blocks=triton.cdiv(n, FWD_BLOCK_N),
                 BLOCK_N=FWD_BLOCK_N,
+                BLOCK_D=FWD_BLOCK_D,
                 **common,
             )
             bwd = dict(
@@ -633,11 +644,14 @@ def _gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
                 **{f"s_gl{a}": v for a, v in rows.items()},
                 has_gspatial=1,
                 BLOCK_N=BWD_BLOCK_N,
+                BLOCK_D=BWD_BLOCK_D,
                 **common,
             )
-            warps = _num_warps(block_k)
-            cases.append((f"fwd_{name}_BLOCK_K{block_k}", _factorize_fwd_kernel, fwd, warps))
-            cases.append((f"bwd_{name}_BLOCK_K{block_k}", _factorize_bwd_kernel, bwd, warps))
+            fwd_warps = _fwd_num_warps(block_k)
+            cases.append((f"fwd_{name}_BLOCK_K{block_k}", _factorize_fwd_kernel, fwd, fwd_warps))
+            cases.append(
+                (f"bwd_{name}_BLOCK_K{block_k}", _factorize_bwd_kernel, bwd, BWD_NUM_WARPS)
+            )
         reduce = dict(
             sparse_ptr=io,
             snorm_ptr=f32,
