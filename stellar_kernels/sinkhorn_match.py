@@ -492,14 +492,14 @@ def sinkhorn_candidates(tile: int) -> list[tuple[int, int]]:
     return {
         16: [(2, 2), (1, 1), (4, 4), (4, 2), (8, 4)],
         32: [(1, 4), (1, 2), (2, 4)],
-        64: [(1, 8), (1, 4)],
+        64: [(1, 8)],
         128: [(1, 16)],
     }[tile]
 
 
 def match_tokens_candidates(tile: int) -> list[int]:
     """num_warps that the fused token kernel may run with (first: the untimed default)."""
-    return {16: [4, 2, 8], 32: [4, 8], 64: [4, 8], 128: [16]}[tile]
+    return {16: [4, 2, 8], 32: [4, 8], 64: [8], 128: [16]}[tile]
 
 
 def match_tokens_block_d(tile: int) -> int:
@@ -684,10 +684,9 @@ def gpu_compile_specs() -> list[tuple[str, object, dict, int]]:
     (label, kernel, arguments for `stellar_kernels.testing.compile_for_gpu`, num_warps).
 
     Every constexpr configuration is listed with float32 inputs. The input dtype changes
-    only the loads, and in the token kernel the tl.dot operands: float16 tokens are listed
-    with every token-kernel configuration, bfloat16 tokens with each tile's default, and
-    half-precision costs with the K = 16 default of the tile kernel (bfloat16 also in the loop
-    kernel).
+    only the loads and, in the token kernel, the tl.dot operands (tensor cores for half
+    types): float16 tokens are listed with every token-kernel configuration too, bfloat16
+    tokens and half-precision costs with the K = 16 default.
     """
     specs = []
     runtime = {"scale": 2.5, "n_iters": 5, "permutation": 1}
@@ -704,14 +703,16 @@ def gpu_compile_specs() -> list[tuple[str, object, dict, int]]:
                 label = f"tile {dtype} BK={tile} P={per_program} warps={warps}"
                 specs.append((label, _sinkhorn_tile_kernel, args, warps))
             configs = match_tokens_candidates(tile)
-            for warps in configs if dtype != "bf16" else configs[:1]:
+            if dtype == "bf16":
+                configs = configs[:1] if tile == 16 else []
+            for warps in configs:
                 args = {"pred_ptr": f"*{dtype}", "target_ptr": f"*{dtype}", **out}
                 args.update(V=3, Q=13, T=15, D=770, stride_pb=12345, stride_pq=771, stride_pd=3)
                 args.update(stride_tb=12347, stride_tt=773, stride_td=5, **runtime)
                 args.update(BK=tile, BD=match_tokens_block_d(tile), WIDEN=False)
                 label = f"tokens {dtype} BK={tile} warps={warps}"
                 specs.append((label, _match_tokens_kernel, args, warps))
-        if dtype == "fp16":
+        if dtype != "fp32":
             continue
         args = {"cost_ptr": f"*{dtype}", **out, "u_ptr": "*fp32", "v_ptr": "*fp32"}
         args.update(best_ptr="*fp32", arg_ptr="*i32", taken_ptr="*i32", Q=130, T=150)

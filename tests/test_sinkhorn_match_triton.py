@@ -162,9 +162,11 @@ def test_sliced_input_reads_strides_without_copy(rng_seed):
     assert torch.equal(base, before)
 
 
-def test_exact_ties_break_like_the_reference():
-    # Every entry equal: the plan is uniform, rounding must pick the lowest flat index each time.
-    cost = torch.ones(2, 4, 6, device=DEVICE)
+@pytest.mark.parametrize("shape", [(2, 4, 6), (1, 65, 129)])
+def test_exact_ties_break_like_the_reference(shape):
+    # Every entry equal: the plan is uniform, rounding must pick the lowest flat index each time
+    # (in the loop path, across row and column blocks too).
+    cost = torch.ones(shape, device=DEVICE)
     for rounding in ("permutation", "argmax"):
         index, plan = sk.sinkhorn_match(cost, rounding=rounding, backend="triton")
         ref_index, ref_plan = sk.sinkhorn_match(cost, rounding=rounding, backend="torch")
@@ -172,7 +174,7 @@ def test_exact_ties_break_like_the_reference():
         assert torch.equal(index, round_plan(plan, rounding))
     assert torch.equal(
         sk.sinkhorn_match(cost, rounding="argmax", backend="triton").index.cpu(),
-        torch.zeros(2, 4, dtype=torch.long),
+        torch.zeros(shape[:2], dtype=torch.long),
     )
 
 

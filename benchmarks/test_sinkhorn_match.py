@@ -1,0 +1,127 @@
+"""sinkhorn_match: the Triton kernel against the paper's eager PyTorch matching on a given cost.
+
+Baseline `torch_reference`: the paper's algorithm in eager PyTorch on the cost,
+5 log-domain iterations (two logsumexp each) and a row-wise argmax, as
+`sinkhorn_match_reference(cost, 0.1, 5, "argmax")` implements it. "Ours" is the
+public call with its defaults (one-to-one "permutation" rounding, which does
+more work than the baseline's argmax) and validate=False (no NaN scan, the
+baseline has none). On a machine without a GPU "ours" is the default CPU
+backend (the PyTorch path), and every figure says so in "ours_backend".
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+
+import stellar_kernels as sk
+from benchmarks.common import median_ms, vs_baseline
+from stellar_kernels.sinkhorn_match import HAS_TRITON, sinkhorn_match_reference
+
+EPS, N_ITERS = 0.1, 5
+
+
+def torch_reference(cost: torch.Tensor) -> torch.Tensor:
+    """The paper's matching: log-domain Sinkhorn iterations, then the row-wise argmax."""
+    return sinkhorn_match_reference(cost, EPS, N_ITERS, "argmax").index
+
+
+def ours(cost: torch.Tensor, rounding: str = "permutation") -> torch.Tensor:
+    return sk.sinkhorn_match(cost, EPS, N_ITERS, rounding, validate=False).index
+
+
+def ours_backend(device: torch.device) -> str:
+    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+
+
+def _cost(batch: int, k: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # Euclidean distances between layer-normed tokens of dimension D are about sqrt(2 D);
+    # any positive cost of that size will do for timing.
+    return (30 + 10 * torch.rand(batch, k, k, device=device)).to(dtype)
+
+
+# --- pytest-benchmark ---------------------------------------------------------------------------
+
+
+@pytest.mark.benchmark(group="sinkhorn_match_B512_K16")
+def test_sinkhorn_match_ours_B512_K16(run, device):
+    """The default backend for the device (Triton on a GPU, the PyTorch path on the CPU)."""
+    run(ours, _cost(512, 16, device))
+
+
+@pytest.mark.benchmark(group="sinkhorn_match_B512_K16")
+def test_sinkhorn_match_ours_argmax_B512_K16(run, device):
+    run(ours, _cost(512, 16, device), "argmax")
+
+
+@pytest.mark.benchmark(group="sinkhorn_match_B512_K16")
+def test_sinkhorn_match_torch_reference_B512_K16(run, device):
+    run(torch_reference, _cost(512, 16, device))
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_match_B512_K16_bf16")
+def test_sinkhorn_match_ours_B512_K16_bf16(run, device):
+    run(ours, _cost(512, 16, device, torch.bfloat16), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_match_B8192_K16")
+def test_sinkhorn_match_ours_B8192_K16(run, device):
+    run(ours, _cost(8192, 16, device), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_match_B8192_K16")
+def test_sinkhorn_match_torch_reference_B8192_K16(run, device):
+    run(torch_reference, _cost(8192, 16, device), rounds=20)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_match_B64_K196")
+def test_sinkhorn_match_ours_B64_K196(run, device):
+    """T > 128: the loop path (one problem per program, tiles streamed from L2)."""
+    run(ours, _cost(64, 196, device), rounds=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_match_B64_K196")
+def test_sinkhorn_match_torch_reference_B64_K196(run, device):
+    run(torch_reference, _cost(64, 196, device), rounds=10)
+
+
+# --- fixed-name figures for benchmarks/results.py -----------------------------------------------
+
+
+def figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """sinkhorn_match/B512_K16 against torch_reference (B16 under --quick, named by the size)."""
+    backend = ours_backend(device)
+    batch, k = (16 if quick else 512), 16
+    cost = _cost(batch, k, device)
+    # Same plan as the reference, and the same index wherever the reference's argmax is one-to-one.
+    plan = sk.sinkhorn_match(cost, EPS, N_ITERS, validate=False).plan
+    torch.testing.assert_close(
+        plan, sinkhorn_match_reference(cost, EPS, N_ITERS, "argmax").plan, rtol=1e-4, atol=1e-6
+    )
+    timing = {} if device.type == "cuda" else {"warmup": 1, "rep": 10}
+    ours_ms = median_ms(partial(ours, cost), device, **timing)
+    argmax_ms = median_ms(partial(ours, cost, "argmax"), device, **timing)
+    base_ms = median_ms(partial(torch_reference, cost), device, **timing)
+    extra = {
+        "ours_backend": backend,
+        "rounding": "permutation",
+        "ours_argmax_ms": round(argmax_ms, 6),
+        "dtype": "fp32",
+        "eps": EPS,
+        "n_iters": N_ITERS,
+    }
+    if backend == "torch":
+        extra["note"] = (
+            "no CUDA device: ours is the PyTorch path (Triton runs only in the interpreter on the "
+            "CPU); its one-to-one rounding costs K extra passes that the argmax baseline skips"
+        )
+    return [
+        vs_baseline(f"sinkhorn_match/B{batch}_K{k}", ours_ms, "torch_reference", base_ms, **extra)
+    ]
