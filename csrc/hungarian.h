@@ -295,6 +295,7 @@ struct WarpTeam {
   template <typename F>
   __device__ STELLAR_INLINE void for_each(int32_t n, F&& f) const {
     __syncwarp();
+#pragma unroll 4
     for (int32_t k = lane; k < n; k += kWarpLanes) f(k);
     __syncwarp();
   }
@@ -317,6 +318,7 @@ struct WarpTeam {
   template <typename R, typename V, typename C>
   __device__ STELLAR_INLINE R reduce(int32_t n, R acc, V&& visit, C&& combine) const {
     __syncwarp();
+#pragma unroll 4
     for (int32_t k = lane; k < n; k += kWarpLanes) acc = combine.fold(acc, visit(k));
     return butterfly(acc, combine);
   }
@@ -326,6 +328,7 @@ struct WarpTeam {
     __syncwarp();
     const int64_t total = int64_t(nr) * nc;
     GridWalk at(lane, nc);
+#pragma unroll 4
     for (int64_t e = lane; e < total; e += kWarpLanes, at.step(nc)) {
       acc = combine.fold(acc, visit(at.i, at.j));
     }

@@ -155,6 +155,48 @@ def test_many_small_square_problems(rng_seed, solve, k):
     check_optimal(torch.rand(400, k, k), solve=solve)
 
 
+def random_problem(gen: torch.Generator) -> tuple[torch.Tensor, bool]:
+    """One problem of a random shape and kind: floats, integer ties, wide ranges, forbidden pairs."""
+    q = int(torch.randint(1, 48, (1,), generator=gen))
+    t = q + int(torch.randint(0, 3, (1,), generator=gen)) * int(
+        torch.randint(0, 20, (1,), generator=gen)
+    )
+    kind = int(torch.randint(0, 4, (1,), generator=gen))
+    if kind == 0:
+        cost = torch.rand(q, t, generator=gen, dtype=torch.float64)
+    elif kind == 1:
+        cost = torch.randint(-2, 3, (q, t), generator=gen).double()
+    elif kind == 2:
+        cost = torch.randn(q, t, generator=gen, dtype=torch.float64) * 10.0 ** float(
+            torch.randint(-3, 9, (1,), generator=gen)
+        )
+    else:
+        cost = torch.rand(q, t, generator=gen, dtype=torch.float64)
+        density = float(torch.rand(1, generator=gen)) * 0.9
+        cost[torch.rand(q, t, generator=gen) < density] = float("inf")
+    maximize = bool(torch.randint(0, 2, (1,), generator=gen))
+    if maximize:
+        cost = cost.masked_fill(cost == float("inf"), float("-inf"))
+    return cost, maximize
+
+
+def test_fuzz_against_scipy(rng_seed, solve):
+    """Random shapes and kinds, some infeasible: same optimum (or same infeasibility) as scipy."""
+    gen = torch.Generator().manual_seed(rng_seed)
+    for _ in range(400):
+        cost, maximize = random_problem(gen)
+        try:
+            rows, cols = linear_sum_assignment(cost.numpy(), maximize=maximize)
+        except ValueError:
+            with pytest.raises(ValueError, match="no finite assignment"):
+                solve(cost, maximize=maximize)
+            continue
+        index = solve(cost, maximize=maximize)
+        assert sorted(set(index.tolist())) == sorted(index.tolist())
+        ours = cost.gather(1, index[:, None]).sum().item()
+        np.testing.assert_allclose(ours, cost.numpy()[rows, cols].sum(), rtol=1e-9, atol=1e-9)
+
+
 def test_warp_decomposition_equals_serial(rng_seed):
     """Both teams break every tie the same way, so their assignments are identical."""
     cases = [
