@@ -162,6 +162,20 @@ def test_sliced_input_reads_strides_without_copy(rng_seed):
     assert torch.equal(base, before)
 
 
+def test_permutation_rounding_both_branches(rng_seed):
+    # (a) The row-wise argmax is already one-to-one: the greedy rounding must return it.
+    perm = torch.stack([torch.randperm(16) for _ in range(4)]).to(DEVICE)
+    cost = torch.rand(4, 16, 16, device=DEVICE).scatter_(2, perm[..., None], -5.0)
+    index, plan = check_sinkhorn(cost, 0.1, 5, "permutation")
+    assert torch.equal(index, perm) and torch.equal(index, plan.argmax(-1))
+    # (b) Flat plans whose argmax repeats columns: the K greedy steps run.
+    cost = torch.rand(8, 16, 16, device=DEVICE) * 2
+    argmax = sk.sinkhorn_match(cost, eps=1.0, n_iters=1, rounding="argmax", backend="torch").index
+    assert any(len(set(row.tolist())) < 16 for row in argmax)
+    index, _ = check_sinkhorn(cost, 1.0, 1, "permutation")
+    assert not torch.equal(index, argmax)
+
+
 @pytest.mark.parametrize("shape", [(2, 4, 6), (1, 65, 129)])
 def test_exact_ties_break_like_the_reference(shape):
     # Every entry equal: the plan is uniform, rounding must pick the lowest flat index each time
