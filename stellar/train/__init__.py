@@ -1,0 +1,7 @@
+"""Self-supervised training of STELLAR: presets, the objective, checkpoints, the loop, profiling."""
+
+from .config import apply_overrides, load_preset
+from .ssl_meta_arch import StellarSSL, Teacher
+from .train import main, run_training
+
+__all__ = ["StellarSSL", "Teacher", "apply_overrides", "load_preset", "main", "run_training"]

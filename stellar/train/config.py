@@ -1,0 +1,158 @@
+"""Presets (YAML under stellar/configs) and key=value overrides.
+
+A preset holds every hyper-parameter of a run. `key=value` overrides any of
+them by dotted path (model.num_tokens=8, loss.koleo=0, data.global_scale=[0.5,1]);
+values are parsed as YAML. An unknown key is an error, except under the
+open mapping model.vit_kwargs.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS = ("tiny", "base", "large", "huge")
+OPEN_KEYS = ("model.vit_kwargs",)
+# Keys that may differ between a run and its resumption: they do not change the result.
+RESUME_EXEMPT = (
+    "kernels",
+    "init",
+    "data.num_workers",
+    "data.source",
+    "train.device",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.progress",
+)
+
+
+def preset_path(name: str) -> Path:
+    return Path(str(resources.files("stellar") / "configs" / f"{name}.yaml"))
+
+
+def load_preset(name: str) -> dict:
+    """The configuration of a preset name (tiny, base, large, huge) or of a YAML file path."""
+    path = Path(name)
+    if name in PRESETS:
+        path = preset_path(name)
+    elif not path.is_file():
+        raise ValueError(f"unknown preset {name!r}: choose one of {PRESETS} or a YAML file")
+    with open(path) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: not a mapping")
+    return cfg
+
+
+def _all_keys(cfg: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict):
+            out += _all_keys(v, key + ".")
+    return out
+
+
+def set_key(cfg: dict, dotted: str, value: Any) -> None:
+    """Sets cfg[a][b][c] = value for dotted = "a.b.c"; the key must exist (or sit under OPEN_KEYS)."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        path = ".".join(parts[: i + 1])
+        parent = ".".join(parts[:i])
+        last = i == len(parts) - 1
+        if part not in node and parent not in OPEN_KEYS:
+            close = difflib.get_close_matches(dotted, _all_keys(cfg), n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise KeyError(f"unknown configuration key {dotted!r}{hint}")
+        if last:
+            node[part] = value
+        else:
+            if node.get(part) is None and parent in OPEN_KEYS:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise KeyError(f"{path!r} is a value, not a section (in {dotted!r})")
+            node = node[part]
+
+
+def get_key(cfg: dict, dotted: str, default: Any = None) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
+    """A copy of cfg with each "key=value" applied (value parsed as YAML)."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not key=value")
+        key, text = item.split("=", 1)
+        set_key(cfg, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    return cfg
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and key not in OPEN_KEYS:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def differences(old: dict, new: dict, exempt: tuple[str, ...] = RESUME_EXEMPT) -> list[str]:
+    """Lines "key: old -> new" for the keys whose values differ (ignoring `exempt`)."""
+    a, b = flatten(old), flatten(new)
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        if key in exempt:
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            lines.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
+    return lines
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False, default_flow_style=None)
+
+
+def validate(cfg: dict) -> None:
+    """Raises ValueError on settings that cannot work together."""
+    from ..loss import MATCHERS
+
+    if not isinstance(cfg.get("seed"), int) or cfg["seed"] < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {cfg.get('seed')!r}")
+    loss = cfg["loss"]
+    if loss["matcher"] not in MATCHERS:
+        raise ValueError(f"loss.matcher must be one of {MATCHERS}, got {loss['matcher']!r}")
+    if cfg.get("kernels") not in (None, "torch", "triton"):
+        raise ValueError(f"kernels must be torch, triton or null, got {cfg.get('kernels')!r}")
+    if cfg["teacher"]["mode"] not in ("ema", "none", "auto"):
+        raise ValueError(f"teacher.mode must be ema, none or auto, got {cfg['teacher']['mode']!r}")
+    for name in ("recon", "cluster", "align", "cls", "koleo"):
+        w = loss[name]
+        if isinstance(w, bool):
+            loss[name] = float(w) * {"recon": 10.0, "koleo": 0.1}.get(name, 1.0)
+        elif not isinstance(w, (int, float)) or w < 0:
+            raise ValueError(f"loss.{name} must be a weight >= 0 (or true/false), got {w!r}")
+    if not any(loss[n] for n in ("recon", "cluster", "align", "cls", "koleo")):
+        raise ValueError("every loss term is switched off")
+    train = cfg["train"]
+    if train["total_steps"] < 1 or train["warmup_steps"] < 0:
+        raise ValueError("train.total_steps must be >= 1 and train.warmup_steps >= 0")
+    data = cfg["data"]
+    for key in ("global_size", "local_size"):
+        if data[key] % (cfg["model"].get("patch_size") or 1):
+            raise ValueError(f"data.{key} must be a multiple of model.patch_size")

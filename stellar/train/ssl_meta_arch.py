@@ -1,0 +1,219 @@
+"""The self-supervised objective of STELLAR around a student model and an optional EMA teacher.
+
+One forward pass on a batch of multi-crop views computes (paper eq. 12-13):
+
+- recon: the decoder's reconstruction of the first global view from its
+  low-rank features A S, MSE against the [0, 1] image.
+- cluster: the sparse tokens of the first global view against balanced
+  Sinkhorn-Knopp assignments of the target tokens (matched to them).
+- align: the sparse tokens of V masked copies of the first global view
+  (colour-jittered, Gaussian-focal masking) against the target assignments
+  gathered by the matching (match_tokens, hungarian_match or none).
+- cls: the CLS token of the global view, of the masked views and of the
+  local crops against the target CLS assignment.
+- koleo: KoLeo on the sparse tokens of each image (global and masked views).
+
+Targets: with an EMA teacher (random prior) the teacher encodes the second
+global view; without one (MAE prior) they are the student's own first global
+view, detached. A weight of 0 removes a term.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import nn
+
+from ..data.augment import photometric
+from ..layers import focal_mask
+from ..loss import (
+    cluster_cross_entropy,
+    gather_targets,
+    koleo_loss,
+    match_to_targets,
+    reconstruction_loss,
+    sinkhorn_targets,
+)
+from ..models import Stellar
+
+TERMS = ("recon", "cluster", "align", "cls", "koleo")
+PHOTOMETRIC_KEYS = (
+    "jitter_prob",
+    "brightness",
+    "contrast",
+    "saturation",
+    "hue",
+    "grayscale_prob",
+    "blur_prob",
+    "blur_sigma",
+)
+
+
+def teacher_mode(cfg: dict) -> str:
+    mode = cfg["teacher"]["mode"]
+    if mode == "auto":
+        return "none" if cfg.get("init") else "ema"
+    return mode
+
+
+class Teacher(nn.Module):
+    """The EMA copy of the student's encoder (ViT, latent queries, projections) and heads."""
+
+    def __init__(self, student: Stellar) -> None:
+        super().__init__()
+        self.encoder = copy.deepcopy(student.encoder)
+        self.proj_dense = copy.deepcopy(student.proj_dense)
+        self.proj_sparse = copy.deepcopy(student.proj_sparse)
+        self.sparse_head = copy.deepcopy(student.sparse_head)
+        self.cls_head = copy.deepcopy(student.cls_head)
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def student_pairs(self, student: Stellar) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        mine, theirs = [], []
+        for name in ("encoder", "proj_dense", "proj_sparse", "sparse_head", "cls_head"):
+            for (n1, p1), (n2, p2) in zip(
+                getattr(self, name).named_parameters(), getattr(student, name).named_parameters()
+            ):
+                assert n1 == n2
+                mine.append(p1)
+                theirs.append(p2)
+        return mine, theirs
+
+    @torch.no_grad()
+    def update(self, student: Stellar, momentum: float) -> None:
+        mine, theirs = self.student_pairs(student)
+        torch._foreach_mul_(mine, momentum)
+        torch._foreach_add_(mine, [p.detach() for p in theirs], alpha=1.0 - momentum)
+
+
+def momentum_at(cfg: dict, step: int) -> float:
+    """EMA momentum after `step` updates: cosine from teacher.momentum to teacher.momentum_end."""
+    m0, m1 = cfg["teacher"]["momentum"], cfg["teacher"]["momentum_end"]
+    t = min(1.0, step / max(1, cfg["train"]["total_steps"]))
+    return m1 - (m1 - m0) * (math.cos(math.pi * t) + 1) / 2
+
+
+class StellarSSL(nn.Module):
+    """Student (a Stellar model), optional EMA teacher, and the loss of one training step."""
+
+    def __init__(self, cfg: dict) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.student = Stellar.from_config(cfg["model"], kernels=cfg.get("kernels"))
+        self.teacher: Teacher | None = None
+        if teacher_mode(cfg) == "ema":
+            self.teacher = Teacher(self.student)
+
+    def reset_teacher(self) -> None:
+        """Copies the student into the teacher (after loading initial weights)."""
+        if self.teacher is not None:
+            self.teacher.update(self.student, 0.0)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {t: float(self.cfg["loss"][t]) for t in TERMS}
+
+    def active_terms(self) -> list[str]:
+        return [t for t, w in self.weights.items() if w > 0]
+
+    def _match(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        lc = self.cfg["loss"]
+        return match_to_targets(
+            pred,
+            target,
+            lc["matcher"],
+            lc["match_eps"],
+            lc["match_iters"],
+            lc["match_rounding"],
+            backend=self.cfg.get("kernels"),
+        )
+
+    def _sk(self, logits: torch.Tensor) -> torch.Tensor:
+        lc = self.cfg["loss"]
+        return sinkhorn_targets(
+            logits, lc["sk_temperature"], lc["sk_iters"], backend=self.cfg.get("kernels")
+        )
+
+    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Loss terms of a batch: {"loss": weighted sum, term: unweighted value, ...}.
+
+        batch["global"] (B, 2, 3, G, G) and batch["local"] (B, L, 3, l, l),
+        uint8 (or float in [0, 1]) on the model's device; `generator` (CPU)
+        draws the masked views' photometric changes and masks.
+        """
+        cfg, w = self.cfg, self.weights
+        lc, dc = cfg["loss"], cfg["data"]
+        s = self.student
+        views = _as_float(batch["global"])
+        x1, x2 = views[:, 0], views[:, 1]
+        b = x1.shape[0]
+        grid = s.encoder.grid_size(x1.shape[-2], x1.shape[-1])
+        out: dict[str, torch.Tensor] = {}
+
+        g1 = s.features(x1)
+        if w["recon"]:
+            _, lowrank = s.factorize(g1.dense, g1.sparse)
+            out["recon"] = reconstruction_loss(s.decode(lowrank, grid), x1)
+
+        n_views = int(dc["num_masked_views"])
+        masked = None
+        if n_views and (w["align"] or w["cls"] or w["koleo"]):
+            mv = x1.repeat_interleave(n_views, dim=0)
+            mv = photometric(mv, generator, **{k: dc[k] for k in PHOTOMETRIC_KEYS})
+            keep = focal_mask(
+                b * n_views, *grid, dc["mask_ratio"], dc["mask_sigma"], generator, mv.device
+            )
+            masked = s.features(mv, keep)
+
+        n_local = batch["local"].shape[1] if "local" in batch else 0
+        local = None
+        if n_local and w["cls"]:
+            crops = _as_float(batch["local"]).flatten(0, 1)
+            local = s.features(crops)
+
+        if w["cluster"] or w["align"] or w["cls"]:
+            sparse_logits = s.sparse_head(g1.sparse) if (w["cluster"] or not self.teacher) else None
+            cls_logits = s.cls_head(g1.cls) if (w["cls"] or not self.teacher) else None
+            with torch.no_grad():
+                if self.teacher is not None:
+                    t = self.teacher.encoder(s.normalize(x2))
+                    target_tokens = t.sparse
+                    q_sparse = self._sk(self.teacher.sparse_head(t.sparse))
+                    q_cls = self._sk(self.teacher.cls_head(t.cls))
+                else:
+                    target_tokens = g1.sparse.detach()
+                    q_sparse = self._sk(sparse_logits)
+                    q_cls = self._sk(cls_logits)
+            pt = lc["pred_temperature"]
+            if w["cluster"]:
+                if self.teacher is not None:
+                    tgt = gather_targets(q_sparse, self._match(g1.sparse, target_tokens))
+                else:
+                    tgt = q_sparse
+                out["cluster"] = cluster_cross_entropy(tgt, sparse_logits, pt)
+            if w["align"] and masked is not None:
+                tgt = gather_targets(q_sparse, self._match(masked.sparse, target_tokens))
+                out["align"] = cluster_cross_entropy(tgt, s.sparse_head(masked.sparse), pt)
+            if w["cls"]:
+                logits, targets = [cls_logits], [q_cls]
+                for extra, n in ((masked, n_views), (local, n_local)):
+                    if extra is not None:
+                        logits.append(s.cls_head(extra.cls))
+                        targets.append(q_cls.repeat_interleave(n, dim=0))
+                out["cls"] = cluster_cross_entropy(
+                    torch.cat(targets).flatten(0, 1), torch.cat(logits).flatten(0, 1), pt
+                )
+
+        if w["koleo"]:
+            sets = [g1.sparse] + ([masked.sparse] if masked is not None else [])
+            out["koleo"] = koleo_loss(torch.cat(sets))
+
+        total = sum(w[k] * v for k, v in out.items())
+        return {"loss": total, **out}
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()

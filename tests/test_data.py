@@ -1,0 +1,207 @@
+"""The embedded scenes, image folders (corrupt files skipped), multi-crop views, data order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import gaussian_filter1d
+
+from stellar.data import (
+    CLASSES,
+    ImageFolderDataset,
+    MultiCropDataset,
+    ShapesDataset,
+    StepBatchSampler,
+    gaussian_blur,
+    photometric,
+    render_scene,
+)
+
+# ------------------------------------------------------------------------- shapes
+
+
+def test_scenes_are_deterministic_per_seed():
+    a, b = render_scene(3, 7, 48), render_scene(3, 7, 48)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key])
+    assert not np.array_equal(render_scene(3, 8, 48)["image"], a["image"])
+    assert not np.array_equal(render_scene(4, 7, 48)["image"], a["image"])
+
+
+def test_scene_label_masks_and_segmentation():
+    labels = []
+    for i in range(60):
+        s = render_scene(0, i, 48)
+        masks, classes = s["masks"], s["classes"]
+        assert s["image"].shape == (48, 48, 3) and s["image"].dtype == np.uint8
+        assert masks.dtype == bool and masks.shape[1:] == (48, 48) and len(masks) == len(classes)
+        assert masks.sum(0).max() <= 1  # visible areas are disjoint
+        areas = masks.reshape(len(masks), -1).sum(1)
+        assert s["label"] == classes[areas.argmax()]  # the largest visible object
+        assert areas.max() > 0.06 * 48 * 48  # the labelled object is large
+        expected = np.zeros((48, 48), np.int64)
+        for m, c in zip(masks, classes):
+            expected[m] = c + 1
+        np.testing.assert_array_equal(s["segmentation"], expected)
+        labels.append(s["label"])
+    assert set(labels) == set(range(len(CLASSES)))  # every class occurs
+
+
+def test_label_is_visible_in_the_image():
+    """The labelled object differs from the background: its pixels are not the scene's average."""
+    s = render_scene(1, 0, 64)
+    big = s["masks"][s["classes"] == s["label"]].any(0)
+    img = s["image"].astype(float)
+    assert np.abs(img[big].mean(0) - img[~big].mean(0)).max() > 10
+
+
+def test_shapes_dataset_items():
+    ds = ShapesDataset(num_images=5, size=32, seed=1, max_objects=3)
+    item = ds[2]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
+    assert 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["masks"].shape == (3, 32, 32) and item["classes"].shape == (3,)
+    n = int((item["classes"] >= 0).sum())
+    assert not item["masks"][n:].any() and (item["classes"][n:] == -1).all()
+    assert item["label"] == render_scene(1, 2, 32, 3)["label"]
+    img, label = ds.load(2)
+    assert img.size == (32, 32) and label == item["label"]
+    with pytest.raises(IndexError):
+        ds[5]
+
+
+# ------------------------------------------------------------------------- folders
+
+
+def _write_images(folder, names, size=(20, 16)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", size, (10 * i, 100, 200)).save(folder / name)
+
+
+def test_flat_folder(tmp_path):
+    _write_images(tmp_path, ["a.png", "b.jpg", "c.JPEG"])
+    (tmp_path / "notes.txt").write_text("not an image")
+    ds = ImageFolderDataset(tmp_path)
+    assert len(ds) == 3 and ds.classes == []
+    img, label = ds.load(0)
+    assert img.mode == "RGB" and img.size == (20, 16) and label == -1
+    assert ds[1]["image"].shape == (3, 16, 20)
+
+
+def test_class_subfolders(tmp_path):
+    _write_images(tmp_path / "dog", ["1.png", "2.png"])
+    _write_images(tmp_path / "cat" / "nested", ["3.png"])
+    (tmp_path / "empty").mkdir()
+    ds = ImageFolderDataset(tmp_path)
+    assert ds.classes == ["cat", "dog"]
+    assert sorted(label for _, label in ds.samples) == [0, 1, 1]
+
+
+def test_corrupt_image_is_skipped_with_one_warning(tmp_path, capfd):
+    _write_images(tmp_path, ["a.png", "c.png"])
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = Image.open(tmp_path / "a.png")
+    good.save(tmp_path / "d.jpg")
+    (tmp_path / "d.jpg").write_bytes((tmp_path / "d.jpg").read_bytes()[:40])  # truncated
+    ds = ImageFolderDataset(tmp_path, warn_dir=tmp_path / "warned")
+    names = [p.rsplit("/", 1)[1] for p, _ in ds.samples]
+    assert names == ["a.png", "b.png", "c.png", "d.jpg"]
+    for _ in range(2):
+        for i in range(len(ds)):
+            img, _ = ds.load(i)
+            assert img.size == (20, 16)
+    # A second instance (another worker or rank) sharing warn_dir stays quiet too.
+    ImageFolderDataset(tmp_path, warn_dir=tmp_path / "warned").load(1)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 2
+    assert "b.png" in err[0] and "d.jpg" in err[1]
+    assert all(line.startswith("warning: skipping unreadable image") for line in err)
+
+
+def test_folder_with_only_corrupt_images_raises(tmp_path):
+    (tmp_path / "x.png").write_bytes(b"garbage")
+    ds = ImageFolderDataset(tmp_path)
+    with pytest.raises(RuntimeError, match="none of the 1 image files"):
+        ds.load(0)
+    with pytest.raises(FileNotFoundError):
+        ImageFolderDataset(tmp_path / "missing")
+
+
+# ------------------------------------------------------------------------- multi-crop
+
+
+def test_multicrop_views():
+    ds = MultiCropDataset(ShapesDataset(10, 48), global_size=32, local_size=16, num_local=3)
+    item = ds[(4, 123)]
+    assert item["global"].shape == (2, 3, 32, 32) and item["global"].dtype == torch.uint8
+    assert item["local"].shape == (3, 3, 16, 16)
+    again = ds[(4, 123)]
+    assert torch.equal(item["global"], again["global"]) and torch.equal(
+        item["local"], again["local"]
+    )
+    other = ds[(4, 124)]
+    assert not torch.equal(item["global"], other["global"])
+    assert not torch.equal(item["global"][0], item["global"][1])
+
+
+def test_step_batch_sampler_shards_and_resumes():
+    world, b = 3, 4
+    samplers = [StepBatchSampler(50, b, seed=5, rank=r, world_size=world) for r in range(world)]
+    assert samplers[0].steps_per_epoch == 4
+    for step in (0, 3, 4, 9):
+        batches = [s.batch(step) for s in samplers]
+        idx = [i for batch in batches for i, _ in batch]
+        assert len(idx) == world * b and len(set(idx)) == world * b  # disjoint shards
+    # One epoch visits distinct items.
+    epoch = [i for step in range(4) for s in samplers for i, _ in s.batch(step)]
+    assert len(set(epoch)) == len(epoch) == 48
+    # Starting at step 6 yields exactly what steps 6, 7 of a fresh sampler yield.
+    fresh = iter(StepBatchSampler(50, b, seed=5, rank=1, world_size=world))
+    for _ in range(6):
+        next(fresh)
+    resumed = iter(StepBatchSampler(50, b, seed=5, rank=1, world_size=world, start_step=6))
+    assert next(resumed) == next(fresh) and next(resumed) == next(fresh)
+
+
+def test_sampler_repeats_a_small_data_set():
+    s = StepBatchSampler(3, 4)
+    assert len(s.batch(0)) == 4 and set(i for i, _ in s.batch(0)) <= {0, 1, 2}
+
+
+# ------------------------------------------------------------------------- photometric
+
+
+def test_gaussian_blur_matches_scipy():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 20, 24, dtype=torch.float64)
+    sigma = torch.tensor([1.0, 0.0, 0.5], dtype=torch.float64)
+    out = gaussian_blur(x, sigma)
+    radius = 3  # ceil(3 * max sigma)
+    for i, s in enumerate(sigma.tolist()):
+        if s == 0:
+            torch.testing.assert_close(out[i], x[i])
+            continue
+        ref = x[i].numpy()
+        for axis in (1, 2):
+            ref = gaussian_filter1d(ref, s, axis=axis, mode="mirror", truncate=radius / s)
+        np.testing.assert_allclose(out[i].numpy(), ref, atol=1e-10)
+
+
+def test_photometric_range_determinism_and_identity():
+    torch.manual_seed(0)
+    x = torch.rand(6, 3, 16, 16)
+    a = photometric(x, torch.Generator().manual_seed(1))
+    b = photometric(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1 and not torch.allclose(a, x)
+    same = photometric(
+        x, torch.Generator().manual_seed(1), jitter_prob=0, grayscale_prob=0, blur_prob=0
+    )
+    torch.testing.assert_close(same, x)
+    gray = photometric(x, torch.Generator(), jitter_prob=0, grayscale_prob=1, blur_prob=0)
+    torch.testing.assert_close(gray[:, 0], gray[:, 1])
+    ref = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    torch.testing.assert_close(gray[:, 2], ref)

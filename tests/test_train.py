@@ -1,0 +1,293 @@
+"""stellar-train: configuration, outputs, exact resumption, stopping, --init, DDP on gloo."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import yaml
+
+import stellar
+from stellar.testing import MINI_OVERRIDES
+from stellar.train.config import apply_overrides, differences, load_preset, validate
+from stellar.train.ssl_meta_arch import StellarSSL
+from stellar.train.train import lr_factor, main
+
+MINI = MINI_OVERRIDES + ["train.ckpt_every=2"]
+
+
+def _train(out, *extra: str, max_steps: int | None = None) -> int:
+    argv = ["--preset", "tiny", "--output-dir", str(out)]
+    if max_steps is not None:
+        argv += ["--max-steps", str(max_steps)]
+    return main(argv + MINI + list(extra))
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------- configuration
+
+
+def test_presets_hold_every_key_and_the_papers_recipe():
+    tiny = load_preset("tiny")
+    keys = None
+    for name in ("tiny", "base", "large", "huge"):
+        cfg = load_preset(name)
+        validate(cfg)
+        flat = set(_flat_keys(cfg))
+        keys = flat if keys is None else keys
+        assert flat == keys, name  # every preset sets every key
+    base = load_preset("base")
+    assert base["model"]["arch"] == "vit_base_patch16_224" and base["model"]["num_tokens"] == 16
+    assert base["train"]["base_lr"] == 1.5e-4 and base["train"]["weight_decay"] == 0.04
+    assert base["train"]["clip_grad"] == 3.0 and base["train"]["amp"] == "bf16"
+    assert base["loss"]["recon"] == 10 and base["loss"]["koleo"] == 0.1
+    assert base["model"]["head"]["num_prototypes"] == 16384
+    assert base["data"]["mask_ratio"] == 0.8 and base["data"]["num_masked_views"] == 8
+    assert base["teacher"]["momentum"] == 0.996
+    assert load_preset("huge")["model"]["patch_size"] == 14
+    assert tiny["data"]["source"] == "shapes"
+
+
+def _flat_keys(cfg, prefix=""):
+    for k, v in cfg.items():
+        if isinstance(v, dict) and k not in ("vit_kwargs",):
+            yield from _flat_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def test_overrides():
+    cfg = apply_overrides(
+        load_preset("tiny"),
+        [
+            "model.num_tokens=6",
+            "data.global_scale=[0.5, 1.0]",
+            "model.vit_kwargs.depth=2",
+            "loss.koleo=false",
+            "loss.recon=true",
+        ],
+    )
+    assert cfg["model"]["num_tokens"] == 6 and cfg["data"]["global_scale"] == [0.5, 1.0]
+    assert cfg["model"]["vit_kwargs"] == {"depth": 2}
+    validate(cfg)
+    assert cfg["loss"]["koleo"] == 0.0 and cfg["loss"]["recon"] == 10.0
+    with pytest.raises(KeyError, match="model.num_tokens"):
+        apply_overrides(cfg, ["model.num_token=3"])
+    with pytest.raises(ValueError, match="key=value"):
+        apply_overrides(cfg, ["model.num_tokens"])
+    assert differences(cfg, apply_overrides(cfg, ["train.log_every=7"])) == []
+    assert differences(cfg, apply_overrides(cfg, ["train.base_lr=1"])) == [
+        "train.base_lr: 0.002 -> 1"
+    ]
+
+
+def test_lr_schedule_warmup_then_cosine():
+    cfg = load_preset("tiny")
+    cfg["train"].update(total_steps=100, warmup_steps=10, min_lr=0.0)
+    f = lr_factor(cfg, 1.0)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
+    assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+# ------------------------------------------------------------------------- a run
+
+
+def test_run_writes_config_metrics_checkpoints_and_loads(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, max_steps=3) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["model"]["num_tokens"] == 4 and cfg["teacher"]["mode"] == "ema"
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in (
+            "loss",
+            "loss_recon",
+            "loss_cluster",
+            "loss_align",
+            "loss_cls",
+            "loss_koleo",
+            "lr",
+            "images_per_s",
+        ):
+            assert key in r and r[key] == r[key], key
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert set(ckpt) >= {"model", "teacher", "optimizer", "scheduler", "rng", "config", "step"}
+    assert isinstance(ckpt["rng"][0]["torch"], torch.Tensor)
+    model = stellar.load(out)
+    with torch.no_grad():
+        enc = model.encode(torch.rand(1, 3, 32, 32))
+    assert enc["sparse"].shape == (1, 4, 192)
+    torch.testing.assert_close(
+        model.encoder.latent_queries, ckpt["model"]["encoder.latent_queries"]
+    )
+    assert not list(out.glob(".*.tmp-*"))  # no temporary files left behind
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(straight, max_steps=5) == 0
+    assert _train(split, max_steps=3) == 0
+    assert _train(split, max_steps=5) == 0  # the same command with a larger --max-steps
+    a, b = _metrics(straight), _metrics(split)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b):
+        for key in ra:
+            if key not in ("images_per_s", "time_s"):
+                assert ra[key] == rb[key], (ra["step"], key, ra[key], rb[key])
+    sa = torch.load(straight / "checkpoint.pt", weights_only=True)
+    sb = torch.load(split / "checkpoint.pt", weights_only=True)
+    for key in sa["model"]:
+        assert torch.equal(sa["model"][key], sb["model"][key]), key
+    # Nothing to do at or beyond the last step.
+    assert _train(split, max_steps=4) == 0
+    assert len(_metrics(split)) == 5
+
+
+def test_resume_with_another_configuration_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(out, max_steps=1) == 0
+    with pytest.raises(SystemExit, match="train.base_lr"):
+        _train(out, "train.base_lr=0.1", max_steps=2)
+
+
+def test_nonfinite_loss_stops_after_saving(tmp_path, monkeypatch, capsys):
+    forward = StellarSSL.forward
+    calls = {"n": 0}
+
+    def poisoned(self, batch, generator):
+        out = forward(self, batch, generator)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(StellarSSL, "forward", poisoned)
+    out = tmp_path / "run"
+    assert _train(out, "train.ckpt_every=100", max_steps=6) == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss at step 3" in err and "step 2" in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_crash_while_saving_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(out, max_steps=2) == 0
+    good = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def crashing_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        with open(f, "r+b") as fh:  # a half-written file ...
+            fh.truncate(100)
+        raise OSError("disk full")  # ... and a crash
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="disk full"):
+        _train(out, max_steps=4)
+    assert (out / "checkpoint.pt").read_bytes() == good
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not list(out.glob(".*.tmp-*"))
+
+
+def test_triton_on_cpu_without_interpreter_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(SystemExit, match="--kernels triton needs a CUDA device"):
+        _train(tmp_path / "run", "--kernels", "triton", max_steps=1)
+
+
+def test_unknown_override_is_an_error(tmp_path, capsys):
+    assert _train(tmp_path / "run", "model.num_tokenz=3", max_steps=1) == 2
+    assert "did you mean model.num_tokens" in capsys.readouterr().err
+
+
+def test_init_from_mae_checkpoint_and_mismatch(tmp_path, capsys):
+    import timm
+
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8, depth=1
+    )
+    state = {k: torch.randn_like(v) for k, v in vit.state_dict().items()}
+    state["decoder_embed.weight"] = torch.zeros(4, 4)
+    torch.save({"model": state}, tmp_path / "mae.pth")
+    out = tmp_path / "run"
+    assert _train(out, "--init", str(tmp_path / "mae.pth"), max_steps=1) == 0
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["teacher"]["mode"] == "none"  # an MAE prior trains without the EMA teacher
+    assert "initialized the encoder's ViT" in capsys.readouterr().err
+    state["blocks.1.norm1.weight"] = torch.zeros(192)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    assert _train(tmp_path / "bad", "--init", str(tmp_path / "bad.pth"), max_steps=1) == 1
+    assert "unexpected keys (1): blocks.1.norm1.weight" in capsys.readouterr().err
+
+
+def test_image_folder_run_with_a_corrupt_file(tmp_path, capfd):
+    from PIL import Image
+
+    data = tmp_path / "images"
+    (data / "a").mkdir(parents=True)
+    (data / "b").mkdir()
+    for i in range(6):
+        Image.new("RGB", (40 + i, 36), (40 * i, 90, 160)).save(data / "ab"[i % 2] / f"{i}.png")
+    (data / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "run"
+    assert _train(out, "--data", str(data), max_steps=2) == 0
+    err = capfd.readouterr().err
+    assert err.count("warning: skipping unreadable image") == 1 and "broken.jpg" in err
+    assert len(_metrics(out)) == 2
+
+
+# ------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from stellar.train.train import build_parser, config_from_args, run_training
+
+    cfg = config_from_args(build_parser().parse_args(["--output-dir", out] + MINI))
+    summary = run_training(cfg, out, max_steps=3, quiet=True)
+    weights = torch.cat([p.detach().flatten() for p in summary["student"].parameters()])
+    torch.save({"losses": summary["losses"], "weights": weights}, os.path.join(out, f"r{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ddp_two_processes_on_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 logs, once per step
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    r0, r1 = (torch.load(out / f"r{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["losses"] == r1["losses"]  # the logged loss is the mean over ranks
+    assert all(v == v for v in r0["losses"].values())
+    assert torch.equal(r0["weights"], r1["weights"])  # gradients were all-reduced
+    saved = stellar.load(out / "checkpoint.pt")
+    assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), r0["weights"])
