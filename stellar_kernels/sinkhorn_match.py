@@ -530,19 +530,38 @@ def _autotune(key: tuple, candidates: list, launch: Callable[[object], None], de
         or torch.cuda.is_current_stream_capturing()
     ):
         return candidates[0]
-    times = []
-    for cfg in candidates:
-        launch(cfg)  # compiles and warms up
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            launch(cfg)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    times = [_gpu_ms(lambda cfg=cfg: launch(cfg)) for cfg in candidates]
     best = candidates[min(range(len(candidates)), key=times.__getitem__)]
     _TUNED[key] = best
     return best
+
+
+def _gpu_ms(fn: Callable[[], None], reps: int = 20) -> float:
+    """GPU time of one fn() call: `reps` calls replayed from a CUDA graph, so that the Python
+    launch overhead (the same for every configuration) does not hide the kernel's own time."""
+    fn()  # compiles
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        graph.replay()
+        start.record()
+        graph.replay()
+        end.record()
+    except RuntimeError:  # no graph capture here: time plain launches
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
 
 
 def _on_device(device: torch.device):

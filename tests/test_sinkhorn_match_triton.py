@@ -153,6 +153,13 @@ def test_every_tile_configuration(rng_seed, monkeypatch, tile):
         check_sinkhorn(cost, 0.1, 5, "permutation")
 
 
+def test_untimed_tuning_takes_the_first_candidate_and_caches_nothing():
+    calls = []
+    key = ("test", 1, 2, 3, torch.float32)
+    got = sm._autotune(key, [(2, 2), (1, 1)], calls.append, torch.device("cpu"))
+    assert got == (2, 2) and calls == [] and key not in sm._TUNED
+
+
 def test_sliced_input_reads_strides_without_copy(rng_seed):
     base = torch.rand(4, 7, 20, device=DEVICE)
     cost = base[1:, 1:, ::2]  # strides (140, 20, 2), offset storage
@@ -342,17 +349,23 @@ def test_every_kernel_configuration_compiles_for_sm80_and_sm90():
 # ----------------------------------------------------------------------------- GPU, full size
 
 
+@pytest.fixture
+def untuned(monkeypatch):
+    """The default configurations only (the tuned ones are checked in one test below)."""
+    monkeypatch.setenv("STELLAR_KERNELS_AUTOTUNE", "0")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("rounding", ["permutation", "argmax"])
-def test_gpu_sinkhorn_match_full_size(rng_seed, dtype, rounding):
+def test_gpu_sinkhorn_match_full_size(rng_seed, untuned, dtype, rounding):
     cost = make_cost(512, 16, 16, DTYPES[dtype], dtype != "fp16", device="cuda")
     check_sinkhorn(cost, 0.1, 5, rounding)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_gpu_match_tokens_full_size(rng_seed, dtype):
+def test_gpu_match_tokens_full_size(rng_seed, untuned, dtype):
     dtype = DTYPES[dtype]
     pred = torch.randn(512, 16, 768, device="cuda").to(dtype)
     target = torch.randn(64, 16, 768, device="cuda").to(dtype)
@@ -363,7 +376,12 @@ def test_gpu_match_tokens_full_size(rng_seed, dtype):
 
 @pytest.mark.gpu
 def test_gpu_every_candidate_configuration(rng_seed, monkeypatch):
-    """Each configuration the tuner may pick, not only the one it picked, computes the same."""
+    """The tuner times every candidate once and caches its pick; each configuration it may
+    pick, not only the one it picked, computes the same."""
+    key = ("sinkhorn_match", 16, 16, 0, torch.float32)
+    monkeypatch.delitem(sm._TUNED, key, raising=False)
+    sk.sinkhorn_match(torch.rand(512, 16, 16, device="cuda"))
+    assert sm._TUNED[key] in sm.sinkhorn_candidates(16)
     cost = make_cost(509, 16, 16, torch.float32, True, device="cuda")
     for config in sm.sinkhorn_candidates(16):
         monkeypatch.setitem(sm._TUNED, ("sinkhorn_match", 16, 16, 0, torch.float32), config)
@@ -381,7 +399,7 @@ def test_gpu_every_candidate_configuration(rng_seed, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rounding", ["permutation", "argmax"])
-def test_gpu_large_t(rng_seed, rounding):
+def test_gpu_large_t(rng_seed, untuned, rounding):
     check_sinkhorn(make_cost(6, 150, 200, torch.float32, False, device="cuda"), 0.1, 5, rounding)
     pred = torch.randn(4, 150, 64, device="cuda")
     target = torch.randn(2, 160, 64, device="cuda")
