@@ -20,7 +20,8 @@ This module holds every implementation of the two operators:
 
 All Sinkhorn arithmetic is float32 in base 2: with c = C * log2(e) / eps the
 duals obey u_i = -log2 sum_j 2^(v_j - c_ij), v_j = -log2 sum_i 2^(u_i - c_ij),
-and plan = 2^(u_i + v_j - c_ij), the same numbers as DESIGN.md section 3.
+and plan = 2^(u_i + v_j - c_ij): the updates of DESIGN.md section 3 with the duals
+scaled by log2(e) / eps.
 """
 
 from __future__ import annotations
@@ -815,7 +816,8 @@ def sinkhorn_match(
 
     Returns:
         MatchResult(index (B, Q) int64, plan (B, Q, T) float32); 2-D input gives
-        (Q,) and (Q, T).
+        (Q,) and (Q, T). The Triton path records no autograd graph (matching is used
+        without gradients); the PyTorch reference's plan is differentiable.
     """
     check_tensor("cost", cost, (2, 3), MATCH_DTYPES)
     check_rows_fit("cost", cost.shape)
