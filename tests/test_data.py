@@ -205,3 +205,16 @@ def test_photometric_range_determinism_and_identity():
     torch.testing.assert_close(gray[:, 0], gray[:, 1])
     ref = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
     torch.testing.assert_close(gray[:, 2], ref)
+
+
+def test_hue_rotation_keeps_luma_and_turns_full_circle():
+    from stellar.data.augment import _rotate_hue
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 5, 5, dtype=torch.float64)
+    luma = lambda t: 0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]  # noqa: E731
+    half = _rotate_hue(x, torch.full((4,), 0.5, dtype=torch.float64))
+    torch.testing.assert_close(luma(half), luma(x))
+    assert not torch.allclose(half, x)
+    torch.testing.assert_close(_rotate_hue(half, torch.full((4,), 0.5, dtype=torch.float64)), x)
+    torch.testing.assert_close(_rotate_hue(x, torch.zeros(4, dtype=torch.float64)), x)

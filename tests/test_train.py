@@ -180,6 +180,23 @@ def test_nonfinite_loss_stops_after_saving(tmp_path, monkeypatch, capsys):
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
+def test_error_in_a_step_saves_the_progress_first(tmp_path, monkeypatch):
+    forward = StellarSSL.forward
+    calls = {"n": 0}
+
+    def failing(self, batch, generator):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("out of memory")
+        return forward(self, batch, generator)
+
+    monkeypatch.setattr(StellarSSL, "forward", failing)
+    out = tmp_path / "run"
+    with pytest.raises(MemoryError):
+        _train(out, "train.ckpt_every=100", max_steps=6)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+
+
 def test_crash_while_saving_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     assert _train(out, max_steps=2) == 0
@@ -291,3 +308,27 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     assert torch.equal(r0["weights"], r1["weights"])  # gradients were all-reduced
     saved = stellar.load(out / "checkpoint.pt")
     assert torch.equal(torch.cat([p.flatten() for p in saved.parameters()]), r0["weights"])
+
+
+def test_loss_falls_from_the_first_steps(tmp_path):
+    out = tmp_path / "run"
+    assert _train(out, "train.base_lr=0.02", "train.batch_size=8", max_steps=12) == 0
+    losses = [r["loss"] for r in _metrics(out)]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
+
+
+@pytest.mark.slow
+def test_tiny_preset_default_run(tmp_path):
+    """The README's first command: 300 steps on the embedded scenes in at most 6 minutes."""
+    import time
+
+    out = tmp_path / "tiny"
+    start = time.perf_counter()
+    assert main(["--preset", "tiny", "--output-dir", str(out), "train.progress=false"]) == 0
+    elapsed = time.perf_counter() - start
+    rows = _metrics(out)
+    assert len(rows) == 300
+    first = sum(r["loss"] for r in rows[:10]) / 10
+    last = sum(r["loss"] for r in rows[-10:]) / 10
+    assert last < first - 3, (first, last)
+    assert elapsed < 360, elapsed

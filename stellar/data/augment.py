@@ -115,10 +115,16 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
     return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]).expand_as(x)
 
 
+_RGB2YIQ = torch.tensor(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
+)
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+
+
 def _rotate_hue(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Hue rotation by `turns` (N,) of a full turn, in YIQ space."""
-    rgb2yiq = x.new_tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
-    yiq2rgb = torch.linalg.inv(rgb2yiq)
+    rgb2yiq = _RGB2YIQ.to(x.device, x.dtype)
+    yiq2rgb = _YIQ2RGB.to(x.device, x.dtype)
     yiq = torch.einsum("ij,njhw->nihw", rgb2yiq, x)
     angle = 2 * math.pi * turns.view(-1, 1, 1)
     c, s = angle.cos(), angle.sin()

@@ -150,15 +150,15 @@ def component_times(
     return times
 
 
-def train_step_ms(
+def make_train_step(
     preset: str | dict = "base",
     batch: int = 64,
     device: str | torch.device = "cuda",
     kernels: str | None = None,
     overrides: list[str] | None = None,
-    rep: int = 5,
-) -> float:
-    """Median milliseconds of one full training step (forward, backward, AdamW, EMA)."""
+) -> Callable[[], float]:
+    """A closure running one full training step (forward, backward, clip, AdamW, EMA) on a
+    fixed synthetic batch; it returns the loss."""
     device = torch.device(device)
     cfg = resolve_config(preset, batch, kernels, overrides)
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def train_step_ms(
     data = synthetic_batch(cfg, device)
     step = [0]
 
-    def one_step() -> None:
+    def one_step() -> float:
         step[0] += 1
         g = torch.Generator().manual_seed(step[0])
         with _autocast(cfg, device):
@@ -178,5 +178,20 @@ def train_step_ms(
         opt.step()
         if ssl.teacher is not None:
             ssl.teacher.update(ssl.student, momentum_at(cfg, step[0]))
+        return loss.detach()
 
+    return one_step
+
+
+def train_step_ms(
+    preset: str | dict = "base",
+    batch: int = 64,
+    device: str | torch.device = "cuda",
+    kernels: str | None = None,
+    overrides: list[str] | None = None,
+    rep: int = 5,
+) -> float:
+    """Median milliseconds of one full training step (forward, backward, AdamW, EMA)."""
+    device = torch.device(device)
+    one_step = make_train_step(preset, batch, device, kernels, overrides)
     return median_ms(one_step, device, warmup=2, rep=rep)

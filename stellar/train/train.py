@@ -282,7 +282,6 @@ def run_training(
         model = DDP(
             ssl,
             device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,
             find_unused_parameters=unused,
         )
     loader = build_loader(
@@ -299,7 +298,15 @@ def run_training(
     global_batch = t["batch_size"] * world
     terms = ssl.active_terms()
 
+    saving = False
+
     def save(at_step: int) -> None:
+        nonlocal saving
+        saving = True
+        _save(at_step)
+        saving = False
+
+    def _save(at_step: int) -> None:
         if world > 1:
             states = [None] * world
             dist.all_gather_object(states, rng_state())
@@ -335,80 +342,99 @@ def run_training(
     last_saved = step
     smooth_ips = None
     started = time.perf_counter()
+    consistent = True  # the in-memory state is the state after `step` steps
     with _StopFlag() as stop:
-        while step < max_steps:
-            t0 = time.perf_counter()
-            batch = device_batch(next(it), device)
-            generator = torch.Generator().manual_seed(step_seed(seed, step + 1, rank))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                losses = model(batch, generator)
-            loss = losses["loss"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(ssl.student.parameters(), t["clip_grad"])
-            stats = torch.stack(
-                [loss.detach().float(), grad_norm.detach().float().to(loss.device)]
-                + [losses[k].detach().float() for k in terms]
-                + [torch.tensor(float(stop.signal is not None), device=loss.device)]
-            )
-            finite = torch.isfinite(stats[:2]).all().float()
-            stats = torch.cat([stats, (1 - finite).view(1)])
-            if world > 1:
-                flags = stats[-2:].clone()
-                dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-                stats[:-2] /= world
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stats[-2:] = flags
-            values = stats.tolist()
-            if values[-1] > 0:  # NaN or Inf: keep the state before this step
-                if step > last_saved or not ckpt_path.exists():
-                    save(step)
-                bar.close()
-                named = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, values[2:-2]))
-                msg = (
-                    f"non-finite loss at step {step + 1} (loss={values[0]}, grad_norm="
-                    f"{values[1]}; {named}); training stopped. The last good state (step {step}) "
-                    f"is in {ckpt_path}. Lower train.base_lr, raise train.warmup_steps or "
-                    "switch off the term that diverged (loss.<term>=0)."
+        try:
+            while step < max_steps:
+                t0 = time.perf_counter()
+                batch = device_batch(next(it), device)
+                generator = torch.Generator().manual_seed(step_seed(seed, step + 1, rank))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    losses = model(batch, generator)
+                loss = losses["loss"]
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(ssl.student.parameters(), t["clip_grad"])
+                stats = torch.stack(
+                    [loss.detach().float(), grad_norm.detach().float().to(loss.device)]
+                    + [losses[k].detach().float() for k in terms]
+                    + [torch.tensor(float(stop.signal is not None), device=loss.device)]
                 )
-                summary["stopped"] = "nonfinite"
-                raise TrainingStopped(msg)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            momentum = None
-            if ssl.teacher is not None:
-                momentum = momentum_at(cfg, step)
-                ssl.teacher.update(ssl.student, momentum)
-            elapsed = time.perf_counter() - t0
-            ips = global_batch / max(elapsed, 1e-9)
-            smooth_ips = ips if smooth_ips is None else 0.9 * smooth_ips + 0.1 * ips
-            row = {
-                "step": step,
-                "epoch": (step - 1) // loader.batch_sampler.steps_per_epoch,
-                "loss": values[0],
-                **{f"loss_{k}": v for k, v in zip(terms, values[2:-2])},
-                "lr": optimizer.param_groups[0]["lr"],
-                "grad_norm": values[1],
-                "images_per_s": ips,
-                "time_s": time.perf_counter() - started,
-            }
-            if momentum is not None:
-                row["momentum"] = momentum
-            summary["losses"][step] = values[0]
-            summary["step"] = step
-            if is_main and (step % t["log_every"] == 0 or step == max_steps or step == 1):
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{smooth_ips:.1f}", refresh=False)
-            stopping = values[-2] > 0
-            if step % t["ckpt_every"] == 0 or step == max_steps or stopping:
+                finite = torch.isfinite(stats[:2]).all().float()
+                stats = torch.cat([stats, (1 - finite).view(1)])
+                if world > 1:
+                    flags = stats[-2:].clone()
+                    dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+                    stats[:-2] /= world
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                    stats[-2:] = flags
+                values = stats.tolist()
+                if values[-1] > 0:  # NaN or Inf: keep the state before this step
+                    if step > last_saved or not ckpt_path.exists():
+                        save(step)
+                    bar.close()
+                    named = ", ".join(f"{k}={v:.4g}" for k, v in zip(terms, values[2:-2]))
+                    msg = (
+                        f"non-finite loss at step {step + 1} (loss={values[0]}, grad_norm="
+                        f"{values[1]}; {named}); training stopped. The last good state (step {step}) "
+                        f"is in {ckpt_path}. Lower train.base_lr, raise train.warmup_steps or "
+                        "switch off the term that diverged (loss.<term>=0)."
+                    )
+                    summary["stopped"] = "nonfinite"
+                    raise TrainingStopped(msg)
+                consistent = False
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                momentum = None
+                if ssl.teacher is not None:
+                    momentum = momentum_at(cfg, step)
+                    ssl.teacher.update(ssl.student, momentum)
+                consistent = True
+                elapsed = time.perf_counter() - t0
+                ips = global_batch / max(elapsed, 1e-9)
+                smooth_ips = ips if smooth_ips is None else 0.9 * smooth_ips + 0.1 * ips
+                row = {
+                    "step": step,
+                    "epoch": (step - 1) // loader.batch_sampler.steps_per_epoch,
+                    "loss": values[0],
+                    **{f"loss_{k}": v for k, v in zip(terms, values[2:-2])},
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": values[1],
+                    "images_per_s": ips,
+                    "time_s": time.perf_counter() - started,
+                }
+                if momentum is not None:
+                    row["momentum"] = momentum
+                summary["losses"][step] = values[0]
+                summary["step"] = step
+                if is_main and (step % t["log_every"] == 0 or step == max_steps or step == 1):
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{smooth_ips:.1f}", refresh=False)
+                stopping = values[-2] > 0
+                if step % t["ckpt_every"] == 0 or step == max_steps or stopping:
+                    save(step)
+                    last_saved = step
+                if stopping:
+                    summary["stopped"] = "signal"
+                    break
+        except (Exception, KeyboardInterrupt) as err:
+            # A failure outside the update (data, forward, backward, out of memory): keep
+            # the progress made since the last checkpoint. Under DDP the other ranks may
+            # wait in a collective, so only a single process saves here.
+            if (
+                world == 1
+                and not saving
+                and consistent
+                and step > last_saved
+                and not isinstance(err, TrainingStopped)
+            ):
+                if say:
+                    say(f"\n{type(err).__name__} at step {step + 1}: saving step {step} first")
                 save(step)
-                last_saved = step
-            if stopping:
-                summary["stopped"] = "signal"
-                break
+            raise
     bar.close()
     if say:
         first = summary["losses"].get(summary["start_step"] + 1)

@@ -1,0 +1,93 @@
+"""One STELLAR training step: Triton kernels against the PyTorch references, and its components.
+
+Figures (DESIGN.md section 6):
+- train_step/vitb16_B64: a full step of the base preset (ViT-B/16, 16 tokens, 8 masked
+  views, 8 local crops, bf16) at 64 images, --kernels triton (ours) against
+  --kernels torch (baseline "torch_kernels"); GPU only.
+- train_step/components_vitb16_B64: forward milliseconds of the encoder, decoder,
+  masked-view encoding, SK clustering, Sinkhorn and Hungarian matching (the
+  paper's appendix B.5 table); GPU only.
+- train_step/tiny_cpu: images per second of the tiny preset's step on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stellar.train.profile import component_times, make_train_step, median_ms
+
+BASE_BATCH = 64
+TINY_BATCH = 32
+
+
+def _step_or_skip(preset: str, batch: int, device, kernels: str | None):
+    step = make_train_step(preset, batch, device, kernels)
+    try:
+        step()
+    except NotImplementedError as err:
+        pytest.skip(f"--kernels {kernels}: {err}")
+    return step
+
+
+@pytest.mark.benchmark(group="train_step_tiny_cpu")
+def test_train_step_tiny_cpu(benchmark):
+    step = make_train_step("tiny", TINY_BATCH, "cpu")
+    benchmark.pedantic(step, rounds=3, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="train_step_vitb16_B64")
+def test_train_step_vitb16_B64_triton(run):
+    run(_step_or_skip("base", BASE_BATCH, "cuda", "triton"), rounds=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="train_step_vitb16_B64")
+def test_train_step_vitb16_B64_torch(run):
+    run(_step_or_skip("base", BASE_BATCH, "cuda", "torch"), rounds=5)
+
+
+def figures(device: torch.device, quick: bool = False) -> list[dict]:
+    from benchmarks.common import reported, vs_baseline
+
+    out = []
+    if device.type == "cuda":
+        batch = 8 if quick else BASE_BATCH
+        times = {}
+        for kernels in ("torch", "triton"):
+            try:
+                step = make_train_step("base", batch, device, kernels)
+                times[kernels] = median_ms(step, device, warmup=2, rep=3 if quick else 8)
+            except NotImplementedError as err:
+                print(f"train_step/vitb16_B{batch}: --kernels {kernels} skipped ({err})")
+            step = None  # free the model before the next one
+            torch.cuda.empty_cache()
+        if len(times) == 2:
+            out.append(
+                vs_baseline(
+                    f"train_step/vitb16_B{batch}", times["triton"], "torch_kernels", times["torch"]
+                )
+            )
+        kernels = "triton" if "triton" in times else "torch"
+        parts = component_times("base", batch, device, kernels=kernels, rep=3 if quick else 10)
+        out.append(
+            reported(
+                f"train_step/components_vitb16_B{batch}",
+                kernels=kernels,
+                **{f"{k}_ms": round(v, 4) for k, v in parts.items()},
+            )
+        )
+    batch = 8 if quick else TINY_BATCH
+    step = make_train_step("tiny", batch, "cpu")
+    ms = median_ms(step, torch.device("cpu"), warmup=1, rep=3 if quick else 5)
+    out.append(
+        reported(
+            "train_step/tiny_cpu",
+            ms,
+            batch=batch,
+            threads=torch.get_num_threads(),
+            images_per_s=round(batch / (ms / 1e3), 2),
+        )
+    )
+    return out
