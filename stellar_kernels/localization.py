@@ -583,7 +583,7 @@ def _bwd_launch(
     return d_dense, d_sparse, d_values
 
 
-def _gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
+def gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
     """Every (kernel, constexpr configuration, num_warps) the launchers can pick, with
     example ViT-B arguments, for compiling without a GPU (`stellar_kernels.testing.compile_for_gpu`)."""
     n, d = 196, 768

@@ -365,6 +365,76 @@ def resident_block_ps() -> list[int]:
 
 
 @functools.cache
+def _compile_row_args(s, block_n, block_p, last):
+    f32 = torch.empty(1)
+    return dict(
+        s_ptr=s, m_ptr=f32, b_ptr=f32, a_ptr=f32, part_ptr=f32, q_ptr=f32,
+        N=1000, P=1000, stride_n=1000, stride_p=1, eps=1e-8,
+        LAST=last, BLOCK_N=block_n, BLOCK_P=block_p,
+    )  # fmt: skip
+
+
+def gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
+    """(label, kernel, args, num_warps) for every constexpr configuration the launchers can pick."""
+    cases = []
+    f32 = torch.empty(1)
+    halves = [torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float16)]
+    for s in [f32, *halves]:
+        cases.append((
+            f"colstats/{s.dtype}",
+            _sk_colstats_kernel,
+            dict(
+                s_ptr=s, pmax_ptr=f32, psum_ptr=f32, N=1000, P=1000, stride_n=1000,
+                stride_p=1, rows_per_split=64,
+                BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P,
+            ),
+            COLSTATS_WARPS,
+        ))  # fmt: skip
+    for first in (False, True):
+        for finish in (False, True):
+            cases.append((
+                f"reduce/first={first}/finish={finish}",
+                _sk_reduce_kernel,
+                dict(
+                    pmax_ptr=f32, psum_ptr=f32, m_ptr=f32, b_ptr=f32, colsum_ptr=f32,
+                    R=100, P=1000, scale=1.0, eps=1e-8, FIRST=first, FINISH=finish,
+                    BLOCK_R=REDUCE_BLOCK_R, BLOCK_P=REDUCE_BLOCK_P,
+                ),
+                REDUCE_WARPS,
+            ))  # fmt: skip
+    for last in (False, True):
+        for block_p in resident_block_ps():
+            block_n, block_p, num_warps = resident_config(block_p)
+            cases.append(
+                (
+                    f"rows_resident/P{block_p}/last={last}",
+                    _sk_rows_resident_kernel,
+                    _compile_row_args(f32, block_n, block_p, last),
+                    num_warps,
+                )
+            )
+        widest = resident_config(MAX_RESIDENT_P)
+        for s in halves:
+            cases.append(
+                (
+                    f"rows_resident/{s.dtype}/last={last}",
+                    _sk_rows_resident_kernel,
+                    _compile_row_args(s, *widest[:2], last),
+                    widest[2],
+                )
+            )
+        for s in [f32, *halves]:
+            cases.append(
+                (
+                    f"rows_chunked/{s.dtype}/last={last}",
+                    _sk_rows_chunked_kernel,
+                    _compile_row_args(s, CHUNKED_BLOCK_N, CHUNKED_BLOCK_P, last),
+                    CHUNKED_WARPS,
+                )
+            )
+    return cases
+
+
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count

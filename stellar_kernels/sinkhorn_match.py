@@ -702,7 +702,7 @@ def match_tokens_triton(
     return index, plan
 
 
-def gpu_compile_specs() -> list[tuple[str, object, dict, int]]:
+def gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
     """Every kernel with every configuration its launchers can choose, as
     (label, kernel, arguments for `stellar_kernels.testing.compile_for_gpu`, num_warps).
 

@@ -102,39 +102,64 @@ def compile_for_gpu(
     return compiled
 
 
-def run_in_fresh_processes(
-    file: str, function: str, archs: tuple[int, ...] = (80, 90), timeout: float = 600
-) -> list[str]:
-    """Calls `function(arch)` of the module at `file`, once per arch, in parallel processes.
+# Shared memory a block may use (bytes): the kernels must fit on A100 and H100/H200.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-    GPU compilation must happen where TRITON_INTERPRET is unset: with the interpreter
-    on, triton (3.8) cannot compile kernels that do arithmetic on scalar arguments. The
-    module is loaded from its file, so a test module can hold the function. Returns each
-    process's standard output; raises AssertionError with the error output of a failure.
+
+def compile_cases(module_name: str, arch: int) -> int:
+    """Compiles every case of `module_name.gpu_compile_cases()` for sm_`arch`; returns the count.
+
+    Each operator module lists, next to its launchers, every kernel with every constexpr
+    configuration they can choose. Run it where TRITON_INTERPRET is unset (see
+    `run_in_fresh_processes`).
+    """
+    import importlib
+
+    cases = importlib.import_module(module_name).gpu_compile_cases()
+    for label, kernel, args, num_warps in cases:
+        try:
+            compiled = compile_for_gpu(kernel, args, arch=arch, num_warps=num_warps)
+        except Exception as err:
+            msg = f"{module_name}: {label} does not compile for sm_{arch}: {err}"
+            raise AssertionError(msg) from err
+        assert f".target sm_{arch}" in compiled.asm["ptx"], label
+        shared = compiled.metadata.shared
+        assert shared <= SHARED_MEMORY_LIMIT[arch], f"{label}: {shared} bytes of shared memory"
+    print(f"{module_name}: {len(cases)} configurations compiled for sm_{arch}")
+    return len(cases)
+
+
+def run_in_fresh_processes(
+    module_name: str, function: str, arg_sets: list[tuple], timeout: float = 600
+) -> list[str]:
+    """Calls `module_name.function(*args)` for each args in `arg_sets`, in parallel processes.
+
+    GPU compilation must happen where TRITON_INTERPRET is unset: under the interpreter,
+    triton's own @jit helpers are interpreter objects the GPU compiler rejects. Returns
+    each process's standard output; raises AssertionError with the error output of a failure.
     """
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    load = (
-        "import importlib.util as u; "
-        f"s = u.spec_from_file_location('_fresh_process_module', {file!r}); "
-        "m = u.module_from_spec(s); s.loader.exec_module(m); "
-    )
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", load + f"m.{function}({arch})"],
+            [
+                sys.executable,
+                "-c",
+                f"import importlib; importlib.import_module({module_name!r}).{function}(*{args!r})",
+            ],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for arch in archs
+        for args in arg_sets
     ]
     outputs = []
-    for arch, proc in zip(archs, procs):
+    for args, proc in zip(arg_sets, procs):
         out, err = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, f"{function}({arch}) failed:\n{err[-6000:]}"
+        assert proc.returncode == 0, f"{function}{args} failed:\n{err[-6000:]}"
         outputs.append(out)
     return outputs

@@ -6,7 +6,7 @@ import torch
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from stellar_kernels.testing import compile_for_gpu  # noqa: E402
+from stellar_kernels.testing import compile_for_gpu, run_in_fresh_processes  # noqa: E402
 
 
 @triton.jit
@@ -48,3 +48,23 @@ def test_catches_kernel_only_the_gpu_compiler_rejects():
 def test_missing_argument_is_reported():
     with pytest.raises(ValueError, match="BLOCK"):
         compile_for_gpu(_scale_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": 4})
+
+
+OPERATOR_MODULES = [
+    "stellar_kernels.sinkhorn_match",
+    "stellar_kernels.sinkhorn_knopp",
+    "stellar_kernels.localization",
+]
+
+
+@pytest.mark.parametrize("module", OPERATOR_MODULES)
+def test_every_kernel_configuration_compiles_for_sm80_and_sm90(module):
+    """Every kernel with every constexpr configuration its launchers can choose.
+
+    Compiled in fresh processes without TRITON_INTERPRET (see run_in_fresh_processes).
+    """
+    outputs = run_in_fresh_processes(
+        "stellar_kernels.testing", "compile_cases", [(module, 80), (module, 90)]
+    )
+    for arch, out in zip((80, 90), outputs):
+        assert f"compiled for sm_{arch}" in out

@@ -7,8 +7,6 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors
 import importlib
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -156,97 +154,6 @@ def test_compiles_without_graph_break(rng_seed):
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(scores), fn(scores), rtol=1e-5, atol=1e-6)
-
-
-def _row_args(s, block_n, block_p, last):
-    f32 = torch.empty(1)
-    return dict(
-        s_ptr=s, m_ptr=f32, b_ptr=f32, a_ptr=f32, part_ptr=f32, q_ptr=f32,
-        N=1000, P=1000, stride_n=1000, stride_p=1, eps=1e-8,
-        LAST=last, BLOCK_N=block_n, BLOCK_P=block_p,
-    )  # fmt: skip
-
-
-def _every_launch_config():
-    """(kernel, args, num_warps) for every constexpr configuration the launcher can pick."""
-    f32 = torch.empty(1)
-    halves = [torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float16)]
-    for s in [f32, *halves]:
-        yield (
-            skm._sk_colstats_kernel,
-            dict(
-                s_ptr=s, pmax_ptr=f32, psum_ptr=f32, N=1000, P=1000, stride_n=1000,
-                stride_p=1, rows_per_split=64,
-                BLOCK_N=skm.COLSTATS_BLOCK_N, BLOCK_P=skm.COLSTATS_BLOCK_P,
-            ),
-            skm.COLSTATS_WARPS,
-        )  # fmt: skip
-    for first in (False, True):
-        for finish in (False, True):
-            yield (
-                skm._sk_reduce_kernel,
-                dict(
-                    pmax_ptr=f32, psum_ptr=f32, m_ptr=f32, b_ptr=f32, colsum_ptr=f32,
-                    R=100, P=1000, scale=1.0, eps=1e-8, FIRST=first, FINISH=finish,
-                    BLOCK_R=skm.REDUCE_BLOCK_R, BLOCK_P=skm.REDUCE_BLOCK_P,
-                ),
-                skm.REDUCE_WARPS,
-            )  # fmt: skip
-    for last in (False, True):
-        for block_p in skm.resident_block_ps():
-            block_n, block_p, num_warps = skm.resident_config(block_p)
-            yield skm._sk_rows_resident_kernel, _row_args(f32, block_n, block_p, last), num_warps
-        widest = skm.resident_config(skm.MAX_RESIDENT_P)
-        for s in halves:
-            yield skm._sk_rows_resident_kernel, _row_args(s, *widest[:2], last), widest[2]
-        for s in [f32, *halves]:
-            yield (
-                skm._sk_rows_chunked_kernel,
-                _row_args(s, skm.CHUNKED_BLOCK_N, skm.CHUNKED_BLOCK_P, last),
-                skm.CHUNKED_WARPS,
-            )
-
-
-def compile_every_config(arch: int) -> None:
-    """Compiles every launch configuration for sm_`arch` (run in a process without the interpreter)."""
-    from stellar_kernels.testing import compile_for_gpu
-
-    smem_limit = {80: 163 * 1024, 90: 227 * 1024}[arch]
-    count = 0
-    for kernel, args, num_warps in _every_launch_config():
-        compiled = compile_for_gpu(kernel, args, arch=arch, num_warps=num_warps)
-        assert compiled.metadata.shared <= smem_limit, (kernel, args)
-        count += 1
-    print(f"sm_{arch}: {count} configurations compiled")
-
-
-@needs_triton
-def test_every_kernel_config_compiles_for_gpu():
-    """Every kernel x constexpr configuration the launcher can pick, for sm_80 and sm_90.
-
-    Compiled in fresh processes without TRITON_INTERPRET: with the interpreter on, triton
-    (3.8) cannot compile kernels that do arithmetic on scalar arguments.
-    """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    load = (
-        "import importlib.util as u; "
-        f"s = u.spec_from_file_location('sk_compile_check', {__file__!r}); "
-        "m = u.module_from_spec(s); s.loader.exec_module(m); "
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", load + f"m.compile_every_config({arch})"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for arch in (80, 90)
-    ]
-    for proc in procs:
-        out, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-6000:]
-        assert "configurations compiled" in out
 
 
 def _free_port() -> int:
