@@ -100,15 +100,13 @@ def model_rows(
     except ImportError as err:
         return {}, f"model rows skipped: {err}"
     rows: dict[str, dict[str, dict[int, float]]] = {}
-    names = {"encoder": "Encoder", "decoder": "Decoder", "mask_encoding": "Mask encoding"}
+    names = {"encoder": "Encoder", "decoder": "Decoder", "masked_encoding": "Mask encoding"}
+    # The encoder and decoder use none of the operators: one variant (default kernels).
     for b in batches:
-        for variant, kernels in (("ours", None), ("torch", "torch")):
-            times = component_times(
-                preset="tiny" if quick else "base", batch=b, device=device, kernels=kernels
-            )
-            for key, row in names.items():
-                if key in times:
-                    rows.setdefault(row, {}).setdefault(variant, {})[b] = times[key]
+        times = component_times(preset="tiny" if quick else "base", batch=b, device=device)
+        for key, row in names.items():
+            if key in times:
+                rows.setdefault(row, {}).setdefault("ours", {})[b] = times[key]
     return rows, None
 
 
