@@ -332,3 +332,25 @@ def test_tiny_preset_default_run(tmp_path):
     last = sum(r["loss"] for r in rows[-10:]) / 10
     assert last < first - 3, (first, last)
     assert elapsed < 360, elapsed
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_training_steps_on_the_gpu(tmp_path, kernels):
+    """Two bf16 steps on the GPU through the CLI, with each kernel backend."""
+    from stellar.train.profile import make_train_step
+
+    try:
+        loss = make_train_step("tiny", 8, "cuda", kernels)()
+    except NotImplementedError as err:
+        pytest.skip(f"--kernels {kernels}: {err}")
+    assert torch.isfinite(loss)
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--output-dir", str(out), "--max-steps", "2", "--kernels", kernels]
+    assert main(argv + ["train.progress=false", "train.batch_size=8"]) == 0
+    rows = _metrics(out)
+    assert len(rows) == 2 and all(r["loss"] == r["loss"] for r in rows)
+    model = stellar.load(out, device="cuda")
+    with torch.no_grad():
+        enc = model.encode(torch.rand(2, 3, 64, 64, device="cuda"))
+    assert enc["spatial"].shape == (2, 64, 8) and enc["lowrank"].is_cuda

@@ -491,7 +491,9 @@ def config_from_args(args: argparse.Namespace) -> dict:
     cfg = load_preset(args.preset)
     extra = []
     if args.data is not None:
-        extra.append(("data.source", args.data))
+        extra.append(
+            ("data.source", args.data if args.data == "shapes" else str(Path(args.data).resolve()))
+        )
     if args.kernels is not None:
         extra.append(("kernels", args.kernels))
     if args.matcher is not None:
