@@ -181,3 +181,30 @@ def test_teacher_ema_update():
     ssl.teacher.update(ssl.student, 0.9)
     for b, t, s in zip(before, ssl.teacher.encoder.parameters(), ssl.student.encoder.parameters()):
         torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+
+
+def test_ema_stage_then_the_students_own_targets(monkeypatch):
+    import stellar.train.ssl_meta_arch as arch
+
+    ratios = []
+    real_mask = arch.focal_mask
+
+    def recording_mask(batch, h, w, ratio, *args):
+        ratios.append(ratio)
+        return real_mask(batch, h, w, ratio, *args)
+
+    monkeypatch.setattr(arch, "focal_mask", recording_mask)
+    cfg = mini_config("teacher.ema_steps=1", "teacher.ema_mask_ratio=0.5")
+    torch.manual_seed(0)
+    ssl = StellarSSL(cfg)
+    torch.manual_seed(0)
+    own = StellarSSL(mini_config(teacher="none"))
+    batch = _batch(cfg)
+    ref = own(batch, torch.Generator().manual_seed(0))
+    after = ssl(batch, torch.Generator().manual_seed(0), step=2)
+    for key in ref:
+        torch.testing.assert_close(after[key], ref[key])
+    during = ssl(batch, torch.Generator().manual_seed(0), step=1)
+    assert not torch.allclose(during["cluster"], ref["cluster"])
+    assert ssl.ema_phase(1) and not ssl.ema_phase(2) and not own.ema_phase(1)
+    assert ratios == [0.8, 0.8, 0.5]  # own, after the EMA stage, during it

@@ -163,8 +163,8 @@ def test_nonfinite_loss_stops_after_saving(tmp_path, monkeypatch, capsys):
     forward = StellarSSL.forward
     calls = {"n": 0}
 
-    def poisoned(self, batch, generator):
-        out = forward(self, batch, generator)
+    def poisoned(self, batch, generator, step=None):
+        out = forward(self, batch, generator, step)
         calls["n"] += 1
         if calls["n"] == 3:
             out["loss"] = out["loss"] * float("nan")
@@ -184,11 +184,11 @@ def test_error_in_a_step_saves_the_progress_first(tmp_path, monkeypatch):
     forward = StellarSSL.forward
     calls = {"n": 0}
 
-    def failing(self, batch, generator):
+    def failing(self, batch, generator, step=None):
         calls["n"] += 1
         if calls["n"] == 3:
             raise MemoryError("out of memory")
-        return forward(self, batch, generator)
+        return forward(self, batch, generator, step)
 
     monkeypatch.setattr(StellarSSL, "forward", failing)
     out = tmp_path / "run"

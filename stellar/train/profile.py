@@ -171,7 +171,7 @@ def make_train_step(
         step[0] += 1
         g = torch.Generator().manual_seed(step[0])
         with _autocast(cfg, device):
-            loss = ssl(data, g)["loss"]
+            loss = ssl(data, g, step[0])["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ssl.student.parameters(), cfg["train"]["clip_grad"])

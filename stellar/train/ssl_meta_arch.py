@@ -15,7 +15,9 @@ One forward pass on a batch of multi-crop views computes (paper eq. 12-13):
 
 Targets: with an EMA teacher (random prior) the teacher encodes the second
 global view; without one (MAE prior) they are the student's own first global
-view, detached. A weight of 0 removes a term.
+view, detached. The paper's random-prior recipe uses the teacher for a
+warm-up stage only (teacher.ema_steps, at masking ratio teacher.ema_mask_ratio)
+and the student's own targets afterwards. A weight of 0 removes a term.
 """
 
 from __future__ import annotations
@@ -137,14 +139,28 @@ class StellarSSL(nn.Module):
             logits, lc["sk_temperature"], lc["sk_iters"], backend=self.cfg.get("kernels")
         )
 
-    def forward(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def ema_phase(self, step: int | None) -> bool:
+        """Whether the EMA teacher gives the targets at `step` (teacher.ema_steps: its last step)."""
+        if self.teacher is None:
+            return False
+        last = self.cfg["teacher"].get("ema_steps")
+        return last is None or step is None or step <= last
+
+    def forward(
+        self, batch: dict, generator: torch.Generator, step: int | None = None
+    ) -> dict[str, torch.Tensor]:
         """Loss terms of a batch: {"loss": weighted sum, term: unweighted value, ...}.
 
         batch["global"] (B, 2, 3, G, G) and batch["local"] (B, L, 3, l, l),
         uint8 (or float in [0, 1]) on the model's device; `generator` (CPU)
-        draws the masked views' photometric changes and masks.
+        draws the masked views' photometric changes and masks; `step` (1-based)
+        selects the EMA or the self-target phase of teacher.ema_steps.
         """
         cfg, w = self.cfg, self.weights
+        teacher = self.teacher if self.ema_phase(step) else None
+        mask_ratio = cfg["data"]["mask_ratio"]
+        if teacher is not None and cfg["teacher"].get("ema_mask_ratio") is not None:
+            mask_ratio = cfg["teacher"]["ema_mask_ratio"]
         lc, dc = cfg["loss"], cfg["data"]
         s = self.student
         views = _as_float(batch["global"])
@@ -164,7 +180,7 @@ class StellarSSL(nn.Module):
             mv = x1.repeat_interleave(n_views, dim=0)
             mv = photometric(mv, generator, **{k: dc[k] for k in PHOTOMETRIC_KEYS})
             keep = focal_mask(
-                b * n_views, *grid, dc["mask_ratio"], dc["mask_sigma"], generator, mv.device
+                b * n_views, *grid, mask_ratio, dc["mask_sigma"], generator, mv.device
             )
             masked = s.features(mv, keep)
 
@@ -175,21 +191,21 @@ class StellarSSL(nn.Module):
             local = s.features(crops)
 
         if w["cluster"] or w["align"] or w["cls"]:
-            sparse_logits = s.sparse_head(g1.sparse) if (w["cluster"] or not self.teacher) else None
-            cls_logits = s.cls_head(g1.cls) if (w["cls"] or not self.teacher) else None
+            sparse_logits = s.sparse_head(g1.sparse) if (w["cluster"] or not teacher) else None
+            cls_logits = s.cls_head(g1.cls) if (w["cls"] or not teacher) else None
             with torch.no_grad():
-                if self.teacher is not None:
-                    t = self.teacher.encoder(s.normalize(x2))
+                if teacher is not None:
+                    t = teacher.encoder(s.normalize(x2))
                     target_tokens = t.sparse
-                    q_sparse = self._sk(self.teacher.sparse_head(t.sparse))
-                    q_cls = self._sk(self.teacher.cls_head(t.cls))
+                    q_sparse = self._sk(teacher.sparse_head(t.sparse))
+                    q_cls = self._sk(teacher.cls_head(t.cls))
                 else:
                     target_tokens = g1.sparse.detach()
                     q_sparse = self._sk(sparse_logits)
                     q_cls = self._sk(cls_logits)
             pt = lc["pred_temperature"]
             if w["cluster"]:
-                if self.teacher is not None:
+                if teacher is not None:
                     tgt = gather_targets(q_sparse, self._match(g1.sparse, target_tokens))
                 else:
                     tgt = q_sparse

@@ -350,7 +350,7 @@ def run_training(
                 batch = device_batch(next(it), device)
                 generator = torch.Generator().manual_seed(step_seed(seed, step + 1, rank))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    losses = model(batch, generator)
+                    losses = model(batch, generator, step + 1)
                 loss = losses["loss"]
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -387,7 +387,7 @@ def run_training(
                 scheduler.step()
                 step += 1
                 momentum = None
-                if ssl.teacher is not None:
+                if ssl.ema_phase(step):
                     momentum = momentum_at(cfg, step)
                     ssl.teacher.update(ssl.student, momentum)
                 consistent = True
