@@ -13,6 +13,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import os
 import platform
 import re
 import subprocess
@@ -42,6 +43,9 @@ def slug(text: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD, or STELLAR_COMMIT where the tree travelled without its .git (a GPU machine)."""
+    if os.environ.get("STELLAR_COMMIT"):
+        return os.environ["STELLAR_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
