@@ -94,3 +94,27 @@ def reported(name: str, ours_ms: float | None = None, **values) -> dict:
 
 def bench_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def graph_ms(fn: Callable[[], object], reps: int = 20, repeats: int = 5) -> float:
+    """GPU time of one fn() without the host: median over `repeats` replays of a CUDA graph
+    holding `reps` calls (the caller warms fn up first, so nothing compiles during capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return statistics.median(times)
