@@ -4,9 +4,9 @@
 #   benchmarks/gpu_check.sh            # on a GPU machine; results in $OUT (or benchmarks/results)
 #   benchmarks/gpu_check.sh --dry-run  # anywhere: tiny sizes, results in a temporary folder
 #
-# Writes into the output folder: gpu_check.log (everything printed), benchmark.json
-# (pytest-benchmark), <date>-<card>.json and .md (every figure, DESIGN.md section 6) and,
-# when benchmarks/paper_table.py exists, the paper table's files.
+# Writes into the output folder: gpu_check.log (everything printed), <date>-<card>.json and
+# .md (every figure, DESIGN.md section 6), the paper table's .json/.md/.png, benchmark.json
+# (pytest-benchmark) and diagnostics.json (eager against CUDA-graph times, GPU only).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +54,7 @@ else
   step paper-table timeout 70 "$PY" benchmarks/paper_table.py --out-dir "$out"
   step benchmarks timeout 70 "$PY" -m pytest benchmarks/ --benchmark-only -q -p no:cacheprovider \
     --benchmark-json="$out/benchmark.json" --benchmark-columns=median,iqr,rounds
+  step diagnostics timeout 90 "$PY" benchmarks/gpu_diagnostics.py --out "$out/diagnostics.json"
 fi
 
 echo "output in $out"
