@@ -111,6 +111,7 @@ def component_times(
     """Forward milliseconds of each component of a step at `batch` images per device."""
     device = torch.device(device)
     cfg = resolve_config(preset, batch, kernels, overrides)
+    cfg["teacher"]["mode"] = "none"  # the student alone is timed: no EMA copy in memory
     torch.manual_seed(0)
     ssl = StellarSSL(cfg).to(device).eval()
     s = ssl.student
