@@ -16,7 +16,10 @@
 // __shfl_xor_sync combines the lanes' partial results) is what the CUDA kernel
 // runs. EmulatedWarpTeam runs WarpTeam's decomposition sequentially on the CPU
 // (the same item-to-lane split, the same butterfly, the same argument order of
-// every combine), so the CPU tests check the warp decomposition against scipy.
+// every combine), so the CPU tests check the warp decomposition against scipy;
+// csrc/testing/hungarian_warp_threads.cc runs it on 32 threads with a barrier
+// for every __syncwarp(), and the tests run that under ThreadSanitizer to check
+// the synchronization rules below.
 //
 // Rules that make a team of lanes correct (checked by reading this file):
 //  * Outside team operations every lane runs the same code on the same values:

@@ -18,8 +18,9 @@ def load_extension() -> types.ModuleType:
     return _C
 
 
+@functools.cache
 def cuda_extension_built() -> bool:
-    """Whether the installed extension holds the CUDA kernels."""
+    """Whether the installed extension holds the CUDA kernels (fixed at build time)."""
     import torch
 
     load_extension()

@@ -2,11 +2,15 @@
 
 Every CPU case runs twice: through the C++ solver (one thread per problem) and
 through the CUDA kernel's 32-lane decomposition of the same solver emulated on
-the CPU (hungarian_emulated_warp), so the warp logic is checked here too. The
+the CPU (hungarian_emulated_warp), so the warp logic is checked here too; a
+32-thread run of the warp under ThreadSanitizer checks its synchronization. The
 gpu-marked tests run the CUDA kernel itself.
 """
 
+import os
 import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,6 +223,35 @@ def test_warp_decomposition_equals_serial(rng_seed):
             warp, w_status = torch.ops.stellar_ext.hungarian_emulated_warp(prepared, maximize)
             assert torch.equal(s_status, w_status)
             assert torch.equal(serial, warp), f"shape {tuple(cost.shape)}, maximize={maximize}"
+
+
+def test_warp_synchronization_under_thread_sanitizer(rng_seed, tmp_path):
+    """32 threads run the solver as the 32 lanes of a warp, with a barrier where the kernel
+    calls __syncwarp(): ThreadSanitizer finds no race and the result equals the serial one."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    source = Path(__file__).resolve().parents[1] / "csrc" / "testing" / "hungarian_warp_threads.cc"
+    binary = tmp_path / "hungarian_warp_threads"
+    flags = ["-O1", "-g", "-std=c++17", "-pthread", "-fsanitize=thread"]
+    build = subprocess.run(
+        [compiler, *flags, str(source), "-o", str(binary)], capture_output=True, text=True
+    )
+    if build.returncode != 0 and "sanitize" in build.stderr:
+        pytest.skip(f"ThreadSanitizer unavailable: {build.stderr[-300:]}")
+    assert build.returncode == 0, build.stderr
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+    try:
+        result = subprocess.run(
+            [str(binary), str(rng_seed)], capture_output=True, text=True, timeout=120, env=env
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("lanes deadlocked: a decision was not uniform across the warp")
+    if "FATAL: ThreadSanitizer" in result.stderr:
+        pytest.skip(f"ThreadSanitizer cannot run here: {result.stderr[-300:]}")
+    assert "WARNING: ThreadSanitizer" not in result.stderr, result.stderr[-4000:]
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+    assert "DIFFERENT" not in result.stdout
 
 
 def test_two_dimensional_and_non_contiguous(rng_seed, solve):
