@@ -31,6 +31,7 @@ MODULES = [
     "benchmarks.test_sinkhorn_knopp",
     "benchmarks.test_factorize",
     "benchmarks.test_hungarian_match",
+    "benchmarks.test_train_step",
 ]
 
 
