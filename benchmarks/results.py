@@ -19,6 +19,7 @@ import re
 import subprocess
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,13 +56,14 @@ def git_commit() -> str:
         return "unknown"
 
 
-def collect(device: torch.device, quick: bool) -> tuple[list[dict], list[str]]:
-    figures, problems = [], []
+def collect(device: torch.device, quick: bool, result: dict, save: Callable[[], None]) -> None:
+    """Adds every module's figures() to result; `save()` after each module, so that an
+    interrupted run keeps what it had measured."""
     for name in MODULES:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as err:
-            problems.append(f"{name}: skipped ({err})")
+            result["problems"].append(f"{name}: skipped ({err})")
             continue
         if not hasattr(module, "figures"):
             continue
@@ -69,12 +71,12 @@ def collect(device: torch.device, quick: bool) -> tuple[list[dict], list[str]]:
             got = module.figures(device, quick=quick)
         except Exception as err:  # one failing module must not lose the others' figures
             traceback.print_exc()
-            problems.append(f"{name}: failed ({type(err).__name__}: {err})")
-            continue
+            result["problems"].append(f"{name}: failed ({type(err).__name__}: {err})")
+            got = []
         for fig in got:
             print(json.dumps(fig), flush=True)
-        figures += got
-    return figures, problems
+        result["figures"] += got
+        save()
 
 
 def markdown(result: dict) -> str:
@@ -117,8 +119,6 @@ def main(argv: list[str] | None = None) -> int:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    bandwidth = copy_bandwidth_gbs(device)
-    figures, problems = collect(device, args.quick)
     result = {
         "card": card_name(device),
         "torch": torch.__version__,
@@ -127,16 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.date.today().isoformat(),
         "commit": git_commit(),
         "quick": args.quick,
-        "copy_bandwidth_gbs": round(bandwidth, 1),
-        "figures": figures,
-        "problems": problems,
+        "copy_bandwidth_gbs": round(copy_bandwidth_gbs(device), 1),
+        "figures": [],
+        "problems": [],
     }
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = args.out_dir / f"{result['date']}-{slug(result['card'])}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {stem}.json and {stem}.md ({len(figures)} figures)")
-    return 1 if problems and not figures else 0
+
+    def save() -> None:
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(result))
+
+    collect(device, args.quick, result, save)
+    save()
+    print(f"wrote {stem}.json and {stem}.md ({len(result['figures'])} figures)")
+    return 1 if result["problems"] and not result["figures"] else 0
 
 
 if __name__ == "__main__":
