@@ -109,7 +109,9 @@ def test_non_contiguous(rng_seed):
 # against the float32 reference on the same (already rounded) inputs, since the half
 # reference rounds the spatial gradient to the dtype half-way through its backward.
 OUT_TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-GRAD_TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# bfloat16 keeps 8 significant bits (a relative step of 7.8e-3): a gradient off by about one
+# step at temperature 0.06 happens in roughly 1 of 400 random draws, hence 2e-2 there.
+GRAD_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [
     (2, 9, 3, 12, 7),
