@@ -272,6 +272,7 @@ def _match_tokens_kernel(
     BK: tl.constexpr,
     BD: tl.constexpr,
     WIDEN: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Row r of pred (view r % V of image r // V) against target row r // V: Euclidean cost
     ||p||^2 + ||t||^2 - 2 p.t built over D in BD chunks with tl.dot, then Sinkhorn and rounding."""
@@ -303,8 +304,10 @@ def _match_tokens_kernel(
         if WIDEN:  # the interpreter multiplies bfloat16 as raw integers; widen for it only
             p = pf
             t = tf
-        # IEEE float32 products for float32 tokens (TF32 would move the costs by ~1e-3 relative).
-        dot = tl.dot(p, tl.trans(t), dot, input_precision="ieee")
+        # float32 tokens: "tf32x3" (three tensor-core products of a split operand) keeps about
+        # float32 accuracy, where plain TF32 would move the costs by ~1e-3 relative; the
+        # FMA path of "ieee" costs three times the tensor-core one at D = 768 (see NOTES.md).
+        dot = tl.dot(p, tl.trans(t), dot, input_precision=PRECISION)
         p_norm += tl.sum(pf * pf, axis=1)
         t_norm += tl.sum(tf * tf, axis=1)
         p_ptrs += BD * stride_pd
@@ -503,7 +506,12 @@ def sinkhorn_candidates(tile: int) -> list[tuple[int, int]]:
 
 def match_tokens_candidates(tile: int) -> list[int]:
     """num_warps that the fused token kernel may run with (first: the untimed default)."""
-    return {16: [4, 2, 8], 32: [4, 8], 64: [8], 128: [16]}[tile]
+    return {16: [1, 2, 4, 8], 32: [4, 8], 64: [8], 128: [16]}[tile]
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision of the token kernel: about float32 accuracy for float32 tokens."""
+    return "tf32x3" if dtype == torch.float32 else "ieee"
 
 
 def match_tokens_block_d(tile: int) -> int:
@@ -693,6 +701,7 @@ def match_tokens_triton(
             BK=tile,
             BD=block_d,
             WIDEN=widen,
+            PRECISION=dot_precision(pred.dtype),
             num_warps=warps,
         )
 
@@ -733,6 +742,7 @@ def gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
                 args.update(V=3, Q=13, T=15, D=770, stride_pb=12345, stride_pq=771, stride_pd=3)
                 args.update(stride_tb=12347, stride_tt=773, stride_td=5, **runtime)
                 args.update(BK=tile, BD=match_tokens_block_d(tile), WIDEN=False)
+                args.update(PRECISION="tf32x3" if dtype == "fp32" else "ieee")
                 label = f"tokens {dtype} BK={tile} warps={warps}"
                 specs.append((label, _match_tokens_kernel, args, warps))
         if dtype != "fp32":
