@@ -11,6 +11,7 @@ dimension, the iteration count, the rounding, the warps of a kernel, the passes.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from functools import partial
@@ -23,7 +24,8 @@ if __package__ in (None, ""):
 
 import stellar_kernels as sk  # noqa: E402
 from benchmarks.common import copy_bandwidth_gbs, graph_ms, median_ms  # noqa: E402
-from stellar_kernels import sinkhorn_match as smod  # noqa: E402
+
+smod = importlib.import_module("stellar_kernels.sinkhorn_match")
 
 ROWS: list[dict] = []
 
