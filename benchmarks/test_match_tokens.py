@@ -109,6 +109,28 @@ def test_match_tokens_torch_reference_B1024_K16_D1280(run, device):
     run(torch_reference, *_tokens(128, VIEWS, K, 1280, device), rounds=20)
 
 
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="match_tokens_B512_K16_D768")
+def test_match_tokens_torch_compile_B512_K16_D768(run, device):
+    compiled = torch.compile(torch_reference)
+    tokens = _tokens(IMAGES, VIEWS, K, D, device)
+    compiled(*tokens)  # compile outside the timing
+    run(compiled, *tokens, rounds=20)
+
+
+# The paper's batch sizes (B.5): 4 ... 64 images x 8 views, against the eager reference.
+@pytest.mark.benchmark(group="match_tokens_paper_batches_K16_D768")
+@pytest.mark.parametrize("images", [4, 8, 16, 32, 64])
+def test_match_tokens_ours_paper_batch(run, device, images):
+    run(ours, *_tokens(images, VIEWS, K, D, device), rounds=5)
+
+
+@pytest.mark.benchmark(group="match_tokens_paper_batches_K16_D768")
+@pytest.mark.parametrize("images", [4, 8, 16, 32, 64])
+def test_match_tokens_torch_reference_paper_batch(run, device, images):
+    run(torch_reference, *_tokens(images, VIEWS, K, D, device), rounds=5)
+
+
 # --- fixed-name figures for benchmarks/results.py -----------------------------------------------
 
 

@@ -92,6 +92,30 @@ def test_sinkhorn_knopp_torch_reference_N256_P2048_fp32(run, device):
     run(torch_reference, _scores(256, 2048, torch.float32, device), rounds=5)
 
 
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_N2048_P16384_fp32")
+def test_sinkhorn_knopp_torch_compile_N2048_P16384_fp32(run, device):
+    compiled = torch.compile(torch_reference)
+    scores = _scores(2048, 16384, torch.float32, device)
+    compiled(scores)  # compile outside the timing
+    run(compiled, scores, rounds=20)
+
+
+# The paper's batch sizes (B.5): the 16 sparse tokens and the CLS token of 4 ... 64 images.
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_paper_batches_P16384_fp32")
+@pytest.mark.parametrize("images", [4, 8, 16, 32, 64])
+def test_sinkhorn_knopp_ours_paper_batch(run, device, images):
+    run(ours, _scores(images * 17, 16384, torch.float32, device), rounds=10)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_knopp_paper_batches_P16384_fp32")
+@pytest.mark.parametrize("images", [4, 8, 16, 32, 64])
+def test_sinkhorn_knopp_torch_reference_paper_batch(run, device, images):
+    run(torch_reference, _scores(images * 17, 16384, torch.float32, device), rounds=10)
+
+
 # --- fixed-name figures for benchmarks/results.py ---------------------------------------------
 
 

@@ -126,3 +126,34 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
     return [
         vs_baseline(f"sinkhorn_match/B{batch}_K{k}", ours_ms, "torch_reference", base_ms, **extra)
     ]
+
+
+# --- further baselines: POT's log-domain Sinkhorn and torch.compile of the paper's code -------
+
+
+def pot_loop(cost: torch.Tensor) -> torch.Tensor:
+    """POT's ot.bregman.sinkhorn_log per problem (unit marginals, 5 iterations), then argmax."""
+    import ot
+
+    host = cost.detach().to("cpu", torch.float64).numpy()
+    ones = torch.ones(cost.shape[1], dtype=torch.float64).numpy()
+    index = torch.empty(cost.shape[:2], dtype=torch.int64)
+    for b, problem in enumerate(host):
+        plan = ot.bregman.sinkhorn_log(ones, ones, problem, EPS, numItermax=N_ITERS, stopThr=0.0)
+        index[b] = torch.from_numpy(plan.argmax(axis=1))
+    return index.to(cost.device)
+
+
+@pytest.mark.benchmark(group="sinkhorn_match_B512_K16")
+def test_sinkhorn_match_pot_loop_B512_K16(run, device):
+    pytest.importorskip("ot", reason="POT is not installed: no POT baseline")
+    run(pot_loop, _cost(512, 16, device), rounds=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="sinkhorn_match_B512_K16")
+def test_sinkhorn_match_torch_compile_B512_K16(run, device):
+    compiled = torch.compile(torch_reference)
+    cost = _cost(512, 16, device)
+    compiled(cost)  # compile outside the timing
+    run(compiled, cost, rounds=20)
