@@ -1,0 +1,259 @@
+"""stellar-eval: evaluation and probing of a STELLAR model's factorized representation.
+
+    stellar-eval TASK --checkpoint RUN_DIR_OR_FILE [--data shapes|PATH] --output-dir DIR
+                 [--random-init] [options]
+
+TASK: linear, knn, reconstruction, equivariance, robustness, localization,
+visualize, tokens (--runs RUN ...), ablation (--preset tiny), all (linear,
+knn, reconstruction, equivariance, robustness, localization, visualize).
+Each task writes DIR/TASK.json (plus its pictures) and prints a short table.
+--random-init evaluates the same architecture with fresh weights (the baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .features import FEATURE_TYPES, build_data, extract, load_model
+
+IMAGE_TASKS = (
+    "linear",
+    "knn",
+    "reconstruction",
+    "equivariance",
+    "robustness",
+    "localization",
+    "visualize",
+)
+TASKS = IMAGE_TASKS + ("tokens", "ablation", "all")
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stellar-eval",
+        description="Evaluate and probe a STELLAR model (paper sec. 5.1-5.4, appendix A.2).",
+    )
+    p.add_argument("task", choices=TASKS)
+    p.add_argument("--checkpoint", help="a run directory, checkpoint.pt or model.safetensors")
+    p.add_argument(
+        "--data",
+        default="shapes",
+        help="'shapes' (the embedded scenes, default) or an image folder with class subfolders",
+    )
+    p.add_argument("--val-data", help="a separate validation folder (default: seeded 80/20 split)")
+    p.add_argument("--output-dir", required=True, help="where TASK.json and pictures go")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="evaluate the same architecture with freshly initialized weights",
+    )
+    p.add_argument("--seed", type=int, default=0, help="split, crops and random-init seed")
+    p.add_argument("--num-images", type=int, default=2000, help="embedded scenes to evaluate on")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="evaluation image side (default: the model's input size; equivariance: 1.5x)",
+    )
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g = p.add_argument_group("linear / knn")
+    g.add_argument("--features", choices=FEATURE_TYPES, default="sparse")
+    g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--k", type=int, default=20)
+    g.add_argument("--temperature", type=float, default=0.07)
+    g = p.add_argument_group("equivariance / robustness / visualize")
+    g.add_argument("--shifts", type=_floats, default=None, help="pixels (default: 5..30 scaled)")
+    g.add_argument("--matcher", choices=("sinkhorn", "hungarian"), default="sinkhorn")
+    g.add_argument("--scales", type=_floats, default=None, help="crop area scales")
+    g.add_argument("--threshold", type=float, default=0.5, help="token map threshold")
+    g.add_argument("--num-vis", type=int, default=6, help="images in the pictures")
+    g = p.add_argument_group("tokens / ablation")
+    g.add_argument("--runs", nargs="+", help="tokens: run directories trained with different K")
+    g.add_argument("--preset", default="tiny", help="ablation (and --random-init alone) preset")
+    g.add_argument("--max-steps", type=int, default=None, help="ablation: training steps")
+    g.add_argument("--variants", default=None, help="ablation: comma-separated, e.g. default,a,b")
+    return p
+
+
+# ---------------------------------------------------------------------------- tasks
+
+
+def run_image_task(task: str, model, args, out: Path) -> dict:
+    progress = not args.no_progress
+    size = args.image_size or int(model.config["img_size"])
+    if task == "equivariance" and args.image_size is None:
+        size = int(round(1.5 * int(model.config["img_size"])))
+    data = build_data(
+        args.data,
+        size,
+        args.val_data,
+        args.num_images,
+        args.seed,
+        with_masks=task == "localization",
+    )
+    if task in ("linear", "knn"):
+        kinds = (args.features,)
+        tr = extract(model, data.train, kinds, args.batch_size, "train features", progress)
+        va = extract(model, data.val, kinds, args.batch_size, "val features", progress)
+        n_cls = max(len(data.classes), int(max(tr["labels"].max(), va["labels"].max())) + 1)
+        if task == "linear":
+            from .linear import DEFAULT_LRS, linear_probe
+
+            res = linear_probe(
+                tr[args.features],
+                tr["labels"],
+                va[args.features],
+                va["labels"],
+                n_cls,
+                lrs=args.lrs or DEFAULT_LRS,
+                epochs=args.epochs,
+                seed=args.seed,
+            )
+        else:
+            from .knn import knn_eval
+
+            res = knn_eval(
+                tr[args.features],
+                tr["labels"],
+                va[args.features],
+                va["labels"],
+                n_cls,
+                args.k,
+                args.temperature,
+            )
+        res["features"] = args.features
+        return res
+    if task == "reconstruction":
+        from .reconstruction import evaluate_reconstruction
+
+        return evaluate_reconstruction(model, data.val, args.batch_size, progress)
+    if task == "equivariance":
+        from .equivariance import evaluate_equivariance, plot_equivariance
+
+        shifts = [int(s) for s in args.shifts] if args.shifts else None
+        res = evaluate_equivariance(model, data.val, shifts, 32, args.matcher, progress)
+        res["plot"] = str(plot_equivariance({_label(args): res}, out / "equivariance.png"))
+        return res
+    if task == "robustness":
+        from .robustness import DEFAULT_SCALES, evaluate_robustness, plot_robustness
+
+        res = evaluate_robustness(
+            model, data.val, args.scales or DEFAULT_SCALES, args.features, 32, args.seed, progress
+        )
+        res["plot"] = str(plot_robustness({_label(args): res}, out / "robustness.png"))
+        return res
+    if task == "localization":
+        from .localization import evaluate_localization
+
+        if data.name != "shapes":
+            raise ValueError("localization needs object masks: use --data shapes")
+        return evaluate_localization(model, data.val, args.batch_size, progress)
+    if task == "visualize":
+        from .visualize import visualize
+
+        return visualize(model, data, out, args.num_vis, args.threshold, progress=progress)
+    raise ValueError(task)
+
+
+def _label(args) -> str:
+    return "random init" if args.random_init else "trained"
+
+
+def print_table(task: str, res: dict) -> None:
+    rows = []
+    for key, value in res.items():
+        if isinstance(value, float):
+            rows.append((key, f"{value:.4g}"))
+        elif isinstance(value, (int, str)):
+            rows.append((key, str(value)))
+        elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+            rows.append(
+                (key, " ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in value))
+            )
+    width = max((len(k) for k, _ in rows), default=4)
+    print(f"== {task}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+
+
+def write_result(out: Path, task: str, res: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{task}.json"
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    return path
+
+
+def evaluate(task: str, args, model=None) -> dict:
+    """Runs one task (not 'all') and writes DIR/TASK.json; returns the result."""
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    start = time.time()
+    if task == "tokens":
+        from .tokens import evaluate_tokens
+
+        res = evaluate_tokens(args, out)
+    elif task == "ablation":
+        from .ablation import run_ablation
+
+        res = run_ablation(args, out)
+    else:
+        if model is None:
+            model = load_model(
+                args.checkpoint, args.random_init, _device(args.device), args.seed, args.preset
+            )
+        res = run_image_task(task, model, args, out)
+        res["checkpoint"] = None if args.checkpoint is None else str(args.checkpoint)
+        res["random_init"] = bool(args.random_init)
+        res["data"] = str(args.data)
+    res["seconds"] = round(time.time() - start, 2)
+    write_result(out, task, res)
+    print_table(task, res)
+    return res
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.task in IMAGE_TASKS + ("all",) and args.checkpoint is None and not args.random_init:
+        print("error: --checkpoint is needed (or --random-init)", file=sys.stderr)
+        return 2
+    try:
+        if args.task == "all":
+            model = load_model(
+                args.checkpoint, args.random_init, _device(args.device), args.seed, args.preset
+            )
+            for task in IMAGE_TASKS:
+                evaluate(task, args, model)
+        else:
+            evaluate(args.task, args)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        if os.environ.get("STELLAR_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"results in {Path(args.output_dir).resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
