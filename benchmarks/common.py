@@ -8,46 +8,12 @@ measured in the same run (DESIGN.md section 6).
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
-
-def sync(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_ms(
-    fn: Callable[[], object],
-    device: torch.device | str,
-    warmup: int = 3,
-    rep: int = 20,
-    max_seconds: float = 5.0,
-) -> float:
-    """Median wall time of fn() in milliseconds; CUDA events on a GPU, perf_counter on the CPU."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times: list[float] = []
-    deadline = time.perf_counter() + max_seconds
-    for _ in range(rep):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() > deadline and len(times) >= 3:
-            break
-    return statistics.median(times)
+# The benchmark modules time with these two (they live with the package, which times too).
+from stellar_kernels.testing import median_ms, sync  # noqa: F401
 
 
 def copy_bandwidth_gbs(device: torch.device | str, nbytes: int = 1 << 30) -> float:

@@ -1,4 +1,4 @@
-"""Helpers for testing Triton kernels without a GPU.
+"""Helpers for testing Triton kernels without a GPU, and for timing operators.
 
 The interpreter (TRITON_INTERPRET=1) runs kernels on the CPU but accepts code
 that the GPU compiler rejects (tl.dot shapes under 16, mixed operand dtypes).
@@ -8,6 +8,9 @@ architecture through `triton.compile`, which needs no GPU.
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -163,3 +166,40 @@ def run_in_fresh_processes(
         assert proc.returncode == 0, f"{function}{args} failed:\n{err[-6000:]}"
         outputs.append(out)
     return outputs
+
+
+def sync(device: torch.device | str) -> None:
+    """Waits for the device (a no-op on the CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(
+    fn: Callable[[], object],
+    device: torch.device | str,
+    warmup: int = 3,
+    rep: int = 20,
+    max_seconds: float = 5.0,
+) -> float:
+    """Median wall time of fn() in milliseconds; CUDA events on a GPU, perf_counter on the CPU."""
+    device = torch.device(device)
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times: list[float] = []
+    deadline = time.perf_counter() + max_seconds
+    for _ in range(rep):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > deadline and len(times) >= 3:
+            break
+    return statistics.median(times)

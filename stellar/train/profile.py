@@ -16,53 +16,16 @@ solver. train_step_ms times a whole step (forward, backward, optimizer, EMA).
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 import stellar_kernels as sk
+from stellar_kernels.testing import median_ms
 
 from ..layers import focal_mask
 from .config import apply_overrides, load_preset
 from .ssl_meta_arch import StellarSSL, momentum_at
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_ms(
-    fn: Callable[[], object],
-    device: torch.device,
-    warmup: int = 2,
-    rep: int = 10,
-    max_seconds: float = 20.0,
-) -> float:
-    """Median wall time of fn() in milliseconds (CUDA events on a GPU)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    deadline = time.perf_counter() + max_seconds
-    for _ in range(rep):
-        if device.type == "cuda":
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() > deadline and len(times) >= 3:
-            break
-    return statistics.median(times)
 
 
 def resolve_config(
