@@ -103,6 +103,7 @@ def run_image_task(task: str, model, args, out: Path) -> dict:
         args.val_data,
         args.num_images,
         args.seed,
+        render_size=max(size, round(1.5 * int(model.config["img_size"]))),
         with_masks=task == "localization",
     )
     if task in ("linear", "knn"):

@@ -148,8 +148,13 @@ def build_data(
     if data is None or str(data) == "shapes":
         from ..data.shapes import CLASSES, ShapesDataset
 
+        # Rendered at 1.5x and resized, as the training renders at data.image_size (96 for
+        # a 64-pixel model) and resizes its crops.
         base = ShapesDataset(
-            num_images, size=render_size or size, seed=EVAL_SCENE_SEED, with_masks=with_masks
+            num_images,
+            size=render_size or max(size, round(1.5 * size)),
+            seed=EVAL_SCENE_SEED,
+            with_masks=with_masks,
         )
         tr, va = split_indices(len(base), seed)
         return EvalData(
