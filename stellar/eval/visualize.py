@@ -73,7 +73,7 @@ def plot_token_maps(model, images, path, threshold: float = DEFAULT_THRESHOLD) -
         img = _hwc(images[i])
         axes[i, 0].imshow(img)
         part = maps[i].argmax(0)
-        axes[i, 1].imshow(cmap(part % 20)[..., :3] * 0.6 + img * 0.4)
+        axes[i, 1].imshow(np.clip(cmap(part % 20)[..., :3] * 0.6 + img * 0.4, 0, 1))
         for j in range(k):
             axes[i, j + 2].imshow(_overlay(img, maps[i, j], threshold))
             if i == 0:
