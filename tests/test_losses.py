@@ -208,3 +208,36 @@ def test_ema_stage_then_the_students_own_targets(monkeypatch):
     assert not torch.allclose(during["cluster"], ref["cluster"])
     assert ssl.ema_phase(1) and not ssl.ema_phase(2) and not own.ema_phase(1)
     assert ratios == [0.8, 0.8, 0.5]  # own, after the EMA stage, during it
+
+
+def test_colour_changes_reach_the_masked_views_the_teachers_view_and_the_local_crops(
+    monkeypatch,
+):
+    import stellar.train.ssl_meta_arch as arch
+
+    seen = []  # (input, output) of each photometric call
+    real = arch.photometric
+
+    def recording(x, generator, **kwargs):
+        y = real(x, generator, **kwargs)
+        seen.append((x.clone(), y.clone()))
+        return y
+
+    monkeypatch.setattr(arch, "photometric", recording)
+    cfg = mini_config("data.jitter_prob=1.0", "data.brightness=0.5")
+    torch.manual_seed(0)
+    ssl = StellarSSL(cfg)
+    teacher_inputs = []
+    ssl.teacher.encoder.register_forward_pre_hook(lambda m, a: teacher_inputs.append(a[0]))
+    batch = _batch(cfg)
+    ssl(batch, torch.Generator().manual_seed(0))
+    views, local = batch["global"].float() / 255, batch["local"].float() / 255
+    v = cfg["data"]["num_masked_views"]
+    inputs = [x for x, _ in seen]
+    assert len(seen) == 3
+    torch.testing.assert_close(inputs[0], views[:, 1])
+    torch.testing.assert_close(inputs[1], views[:, 0].repeat_interleave(v, dim=0))
+    torch.testing.assert_close(inputs[2], local.flatten(0, 1))
+    # The teacher encodes the changed second view, not the clean one.
+    torch.testing.assert_close(teacher_inputs[0], ssl.student.normalize(seen[0][1]))
+    assert not torch.allclose(seen[0][1], views[:, 1])

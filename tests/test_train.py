@@ -87,6 +87,18 @@ def test_overrides():
     ]
 
 
+def test_overrides_read_exponent_floats_and_reject_text_numbers():
+    # YAML 1.1 reads "1e-2" as text; an override means the number.
+    cfg = apply_overrides(
+        load_preset("tiny"), ["train.base_lr=1e-2", "data.blur_sigma=[1e-1, 2E0]"]
+    )
+    assert cfg["train"]["base_lr"] == 0.01 and cfg["data"]["blur_sigma"] == [0.1, 2.0]
+    validate(cfg)
+    bad = apply_overrides(load_preset("tiny"), ["train.weight_decay=small"])
+    with pytest.raises(TypeError, match="train.weight_decay"):
+        validate(bad)
+
+
 def test_lr_schedule_warmup_then_cosine():
     cfg = load_preset("tiny")
     cfg["train"].update(total_steps=100, warmup_steps=10, min_lr=0.0)

@@ -5,9 +5,9 @@ for the student, the second for the EMA teacher) and L local crops (scale
 0.06-0.36), each randomly resized-cropped and flipped, as uint8 tensors.
 On the device, `photometric` applies colour jitter, grayscale and Gaussian
 blur to a batch at once (used on the masked-view copies of the first global
-view). Every random choice comes from a generator seeded by (seed, epoch,
-index) or (seed, step), so a step's views do not depend on which worker or
-run produced them.
+view, the teacher's view and the local crops). Every random choice comes
+from a generator seeded by (seed, epoch, index) or (seed, step), so a step's
+views do not depend on which worker or run produced them.
 """
 
 from __future__ import annotations

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 PRESETS = ("tiny", "base", "large", "huge")
 OPEN_KEYS = ("model.vit_kwargs",)
@@ -97,8 +100,23 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
-        set_key(cfg, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        set_key(cfg, key.strip(), parse_value(text))
     return cfg
+
+
+def parse_value(text: str) -> Any:
+    """An override's value as YAML, except that "1e-2" is a float (YAML 1.1 wants "1.0e-2")."""
+    if not text.strip():
+        return None
+    return _exponent_floats(yaml.safe_load(text))
+
+
+def _exponent_floats(value: Any) -> Any:
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_exponent_floats(v) for v in value]
+    return value
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
@@ -132,6 +150,12 @@ def validate(cfg: dict) -> None:
     """Raises ValueError on settings that cannot work together."""
     from ..loss import MATCHERS
 
+    schema = flatten(load_preset("tiny"))
+    for key, value in flatten(cfg).items():
+        default = schema.get(key)
+        number = isinstance(default, (int, float)) and not isinstance(default, bool)
+        if number and (isinstance(value, str) or isinstance(value, (list, dict))):
+            raise TypeError(f"{key} must be a number, got {value!r}")
     if not isinstance(cfg.get("seed"), int) or cfg["seed"] < 0:
         raise ValueError(f"seed must be an integer >= 0, got {cfg.get('seed')!r}")
     loss = cfg["loss"]

@@ -13,6 +13,10 @@ One forward pass on a batch of multi-crop views computes (paper eq. 12-13):
   local crops against the target CLS assignment.
 - koleo: KoLeo on the sparse tokens of each image (global and masked views).
 
+Colour jitter, grayscale and blur (`photometric`) change the masked views,
+the teacher's view and the local crops, as in the public code; the student's
+first global view stays clean, since the decoder reconstructs it.
+
 Targets: with an EMA teacher (random prior) the teacher encodes the second
 global view; without one (MAE prior) they are the student's own first global
 view, detached. The paper's random-prior recipe uses the teacher for a
@@ -153,7 +157,7 @@ class StellarSSL(nn.Module):
 
         batch["global"] (B, 2, 3, G, G) and batch["local"] (B, L, 3, l, l),
         uint8 (or float in [0, 1]) on the model's device; `generator` (CPU)
-        draws the masked views' photometric changes and masks; `step` (1-based)
+        draws the photometric changes and the masks; `step` (1-based)
         selects the EMA or the self-target phase of teacher.ema_steps.
         """
         cfg, w = self.cfg, self.weights
@@ -174,11 +178,16 @@ class StellarSSL(nn.Module):
             _, lowrank = s.factorize(g1.dense, g1.sparse)
             out["recon"] = reconstruction_loss(s.decode(lowrank, grid), x1)
 
+        # Draws in a fixed order, the optional local crops last, so that switching a term
+        # off leaves the random changes of the others as they were.
+        jitter = {k: dc[k] for k in PHOTOMETRIC_KEYS}
+        targets_needed = w["cluster"] or w["align"] or w["cls"]
+        if teacher is not None and targets_needed:
+            x2 = photometric(x2, generator, **jitter)
         n_views = int(dc["num_masked_views"])
         masked = None
         if n_views and (w["align"] or w["cls"] or w["koleo"]):
-            mv = x1.repeat_interleave(n_views, dim=0)
-            mv = photometric(mv, generator, **{k: dc[k] for k in PHOTOMETRIC_KEYS})
+            mv = photometric(x1.repeat_interleave(n_views, dim=0), generator, **jitter)
             keep = focal_mask(
                 b * n_views, *grid, mask_ratio, dc["mask_sigma"], generator, mv.device
             )
@@ -188,9 +197,9 @@ class StellarSSL(nn.Module):
         local = None
         if n_local and w["cls"]:
             crops = _as_float(batch["local"]).flatten(0, 1)
-            local = s.features(crops)
+            local = s.features(photometric(crops, generator, **jitter))
 
-        if w["cluster"] or w["align"] or w["cls"]:
+        if targets_needed:
             sparse_logits = s.sparse_head(g1.sparse) if (w["cluster"] or not teacher) else None
             cls_logits = s.cls_head(g1.cls) if (w["cls"] or not teacher) else None
             with torch.no_grad():
