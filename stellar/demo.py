@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--max-steps", type=int, default=None, help="default: the preset's schedule")
-    p.add_argument("--num-images", type=int, default=1000, help="evaluation scenes")
+    p.add_argument("--num-images", type=int, default=2000, help="evaluation scenes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides")

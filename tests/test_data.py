@@ -57,6 +57,40 @@ def test_label_is_visible_in_the_image():
     assert np.abs(img[big].mean(0) - img[~big].mean(0)).max() > 10
 
 
+def _interior_steps(scene: dict) -> tuple[float, float]:
+    """Mean brightness change between horizontal and between vertical neighbours on the
+    dominant object, away from its edge."""
+    m = scene["masks"][0]
+    inner = m.copy()
+    for axis in (0, 1):
+        for shift in (-2, 2):
+            inner &= np.roll(m, shift, axis=axis)
+    v = scene["image"].astype(float).mean(-1)
+    along_x = np.abs(np.diff(v, axis=1))[inner[:, 1:] & inner[:, :-1]].mean()
+    along_y = np.abs(np.diff(v, axis=0))[inner[1:] & inner[:-1]].mean()
+    return along_x, along_y
+
+
+def test_each_class_has_its_own_upright_surface_pattern():
+    seen = {}
+    for i in range(200):
+        s = render_scene(2, i, 96)
+        c = int(s["classes"][0])
+        if c not in seen and s["masks"][0].sum() > 0.08 * 96 * 96:
+            seen[c] = _interior_steps(s)
+    assert set(seen) == set(range(len(CLASSES)))
+    steps = {CLASSES[c]: v for c, v in seen.items()}
+    x, y = steps["circle"]
+    assert x < 3 and y < 6  # plain (a soft vertical shade)
+    x, y = steps["square"]
+    assert y > 5 * x  # horizontal stripes
+    x, y = steps["ring"]
+    assert x > 5 * y  # vertical stripes
+    for name in ("triangle", "cross"):  # dots, checks: both directions
+        x, y = steps[name]
+        assert min(x, y) > 5 and 0.5 < x / y < 2
+
+
 def test_shapes_dataset_items():
     ds = ShapesDataset(num_images=5, size=32, seed=1, max_objects=3)
     item = ds[2]

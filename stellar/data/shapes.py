@@ -2,9 +2,9 @@
 
 Each scene holds 1 to `max_objects` objects of CLASSES in random colours,
 sizes, rotations and positions on a textured background (stripes,
-checkerboard or smooth waves). A class is a shape with its own surface
-pattern, drawn in the object's frame: plain circles, striped squares, dotted
-triangles, checked crosses and rings with spokes. The colour carries no class
+checkerboard or smooth waves). A class is a shape with its own upright
+surface pattern: plain circles, squares with horizontal stripes, dotted
+triangles, checked crosses and rings with vertical stripes. The colour carries no class
 information. The first object is the large "dominant" one; the others are
 smaller and drawn on top of it. Scene i of seed s is a pure function of (s, i).
 
@@ -64,25 +64,21 @@ def _shape_mask(
 PATTERN_PERIOD = 0.085  # of the image side: ~5 pixels at 64, below the 8-pixel patch
 
 
-def _surface(
-    kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, angle: float
-) -> np.ndarray:
-    """The class's surface pattern in [0, 1], in the object's own rotated frame."""
-    dy, dx = yy - cy, xx - cx
-    ca, sa = math.cos(angle), math.sin(angle)
-    u, v = (ca * dx + sa * dy) / PATTERN_PERIOD, (-sa * dx + ca * dy) / PATTERN_PERIOD
+def _surface(kind: int, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float) -> np.ndarray:
+    """The class's surface pattern in [0, 1], upright (the shapes rotate, their patterns do not)."""
+    u, v = (xx - cx) / PATTERN_PERIOD, (yy - cy) / PATTERN_PERIOD
     name = CLASSES[kind]
     if name == "circle":  # plain
         return np.ones_like(u)
-    if name == "square":  # stripes
-        return (np.sin(2 * math.pi * u) > 0).astype(np.float32)
+    if name == "square":  # horizontal stripes
+        return (np.sin(2 * math.pi * v) > 0).astype(np.float32)
     if name == "triangle":  # dots
         fu, fv = u - np.floor(u) - 0.5, v - np.floor(v) - 0.5
         return (fu * fu + fv * fv > 0.09).astype(np.float32)
     if name == "cross":  # checks
         return ((np.floor(u) + np.floor(v)) % 2).astype(np.float32)
-    if name == "ring":  # spokes
-        return (np.sin(12 * np.arctan2(v, u)) > 0).astype(np.float32)
+    if name == "ring":  # vertical stripes
+        return (np.sin(2 * math.pi * u) > 0).astype(np.float32)
     raise ValueError(kind)
 
 
@@ -136,9 +132,7 @@ def render_scene(
         mask = _shape_mask(int(classes[k]), yy, xx, cy, cx, r, angle)
         colour = _colour(rng, (0.6, 1.0), (0.6, 1.0))
         shade = 1.0 - 0.25 * (yy - cy) / max(r, 1e-3)  # a soft vertical gradient
-        shade = np.clip(shade, 0.6, 1.3) * (
-            0.5 + 0.5 * _surface(int(classes[k]), yy, xx, cy, cx, angle)
-        )
+        shade = np.clip(shade, 0.6, 1.3) * (0.2 + 0.8 * _surface(int(classes[k]), yy, xx, cy, cx))
         fill = colour[:, None, None] * shade[None]
         img = np.where(mask[None], fill, img)
         owner[mask] = k
