@@ -46,8 +46,8 @@ def variant_config(preset: str, variant: str, data: str | None = None) -> dict:
 
 def run_ablation(args, out: Path) -> dict:
     from ..train.train import TrainingStopped, run_training
-    from .features import build_data, extract, load_model
-    from .linear import DEFAULT_LRS, linear_probe
+    from .features import build_data, load_model
+    from .linear import DEFAULT_LRS, evaluate_linear
     from .localization import evaluate_localization
     from .reconstruction import evaluate_reconstruction
 
@@ -74,18 +74,15 @@ def run_ablation(args, out: Path) -> dict:
             continue
         size = int(model.config["img_size"])
         data = build_data(args.data, size, args.val_data, args.num_images, args.seed)
-        tr = extract(model, data.train, ("sparse",), args.batch_size, "train features", progress)
-        va = extract(model, data.val, ("sparse",), args.batch_size, "val features", progress)
-        n_cls = max(len(data.classes), int(max(tr["labels"].max(), va["labels"].max())) + 1)
-        row["linear_top1"] = linear_probe(
-            tr["sparse"],
-            tr["labels"],
-            va["sparse"],
-            va["labels"],
-            n_cls,
-            lrs=args.lrs or DEFAULT_LRS,
-            epochs=args.epochs,
-            seed=args.seed,
+        row["linear_top1"] = evaluate_linear(
+            model,
+            data,
+            "sparse",
+            args.batch_size,
+            args.lrs or DEFAULT_LRS,
+            args.epochs,
+            args.seed,
+            progress,
         )["top1"]
         rec = evaluate_reconstruction(model, data.val, args.batch_size, progress)
         row["psnr"] = None if name == "a" else rec["psnr"]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .features import FEATURE_TYPES, build_data, extract, load_model
+from .features import FEATURE_TYPES, build_data, extract_splits, load_model
 
 IMAGE_TASKS = (
     "linear",
@@ -106,37 +106,26 @@ def run_image_task(task: str, model, args, out: Path) -> dict:
         render_size=max(size, round(1.5 * int(model.config["img_size"]))),
         with_masks=task == "localization",
     )
-    if task in ("linear", "knn"):
-        kinds = (args.features,)
-        tr = extract(model, data.train, kinds, args.batch_size, "train features", progress)
-        va = extract(model, data.val, kinds, args.batch_size, "val features", progress)
-        n_cls = max(len(data.classes), int(max(tr["labels"].max(), va["labels"].max())) + 1)
-        if task == "linear":
-            from .linear import DEFAULT_LRS, linear_probe
+    if task == "linear":
+        from .linear import DEFAULT_LRS, evaluate_linear
 
-            res = linear_probe(
-                tr[args.features],
-                tr["labels"],
-                va[args.features],
-                va["labels"],
-                n_cls,
-                lrs=args.lrs or DEFAULT_LRS,
-                epochs=args.epochs,
-                seed=args.seed,
-            )
-        else:
-            from .knn import knn_eval
+        return evaluate_linear(
+            model,
+            data,
+            args.features,
+            args.batch_size,
+            args.lrs or DEFAULT_LRS,
+            args.epochs,
+            args.seed,
+            progress,
+        )
+    if task == "knn":
+        from .knn import knn_eval
 
-            res = knn_eval(
-                tr[args.features],
-                tr["labels"],
-                va[args.features],
-                va["labels"],
-                n_cls,
-                args.k,
-                args.temperature,
-            )
-        res["features"] = args.features
+        k = args.features
+        tr, va, n_cls = extract_splits(model, data, k, args.batch_size, progress)
+        res = knn_eval(tr[k], tr["labels"], va[k], va["labels"], n_cls, args.k, args.temperature)
+        res["features"] = k
         return res
     if task == "reconstruction":
         from .reconstruction import evaluate_reconstruction

@@ -242,3 +242,13 @@ def extract(
     result["labels"] = torch.cat(labels).long()
     result["index"] = torch.cat(index).long()
     return result
+
+
+def extract_splits(
+    model, data: EvalData, kind: str = "sparse", batch_size: int = 64, progress: bool = True
+) -> tuple[dict, dict, int]:
+    """(train features, val features, number of classes) of one feature kind, as `extract` gives."""
+    tr = extract(model, data.train, (kind,), batch_size, "train features", progress)
+    va = extract(model, data.val, (kind,), batch_size, "val features", progress)
+    n_cls = max(len(data.classes), int(max(tr["labels"].max(), va["labels"].max())) + 1)
+    return tr, va, n_cls

@@ -89,3 +89,24 @@ def linear_probe(
         "num_val": int(len(val_x)),
         "num_classes": int(num_classes),
     }
+
+
+def evaluate_linear(
+    model,
+    data,
+    features: str = "sparse",
+    batch_size: int = 64,
+    lrs=DEFAULT_LRS,
+    epochs: int = 100,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """`linear_probe` of `model`'s frozen `features` on an EvalData's train/val split."""
+    from .features import extract_splits
+
+    tr, va, n_cls = extract_splits(model, data, features, batch_size, progress)
+    res = linear_probe(
+        tr[features], tr["labels"], va[features], va["labels"], n_cls, lrs, epochs, seed=seed
+    )
+    res["features"] = features
+    return res

@@ -11,28 +11,25 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from .features import build_data, extract, load_model
+from .features import build_data, load_model
 
 
 def evaluate_run(run, args, progress: bool = True) -> dict:
-    from .linear import DEFAULT_LRS, linear_probe
+    from .linear import DEFAULT_LRS, evaluate_linear
     from .reconstruction import evaluate_reconstruction
 
     model = load_model(run, False, "cpu" if args.device == "cpu" else args.device)
     size = args.image_size or int(model.config["img_size"])
     data = build_data(args.data, size, args.val_data, args.num_images, args.seed, with_masks=False)
-    tr = extract(model, data.train, ("sparse",), args.batch_size, "train features", progress)
-    va = extract(model, data.val, ("sparse",), args.batch_size, "val features", progress)
-    n_cls = max(len(data.classes), int(max(tr["labels"].max(), va["labels"].max())) + 1)
-    lin = linear_probe(
-        tr["sparse"],
-        tr["labels"],
-        va["sparse"],
-        va["labels"],
-        n_cls,
-        lrs=args.lrs or DEFAULT_LRS,
-        epochs=args.epochs,
-        seed=args.seed,
+    lin = evaluate_linear(
+        model,
+        data,
+        "sparse",
+        args.batch_size,
+        args.lrs or DEFAULT_LRS,
+        args.epochs,
+        args.seed,
+        progress,
     )
     rec = evaluate_reconstruction(model, data.val, args.batch_size, progress)
     return {
