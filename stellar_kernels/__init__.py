@@ -7,8 +7,9 @@ reference, and the environment variable STELLAR_KERNELS_BACKEND the default.
 
 from .hungarian import hungarian_match
 from .localization import factorize, localization
+from .match_tokens import match_tokens
 from .sinkhorn_knopp import sinkhorn_knopp
-from .sinkhorn_match import MatchResult, match_tokens, sinkhorn_match
+from .sinkhorn_match import MatchResult, sinkhorn_match
 
 __all__ = [
     "MatchResult",

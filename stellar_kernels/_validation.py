@@ -57,13 +57,71 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
     return value  # type: ignore[return-value]
 
 
-def check_not_nan(name: str, x: torch.Tensor) -> None:
-    """Host-synchronizing NaN scan; callers skip it with validate=False.
+def checking(validate: bool, x: torch.Tensor) -> bool:
+    """Whether to run the data checks now.
 
-    A max reduction propagates NaN, so the scan needs no input-sized boolean mask.
+    A data check reads one flag on the host. That is not possible while torch.compile
+    traces (a data-dependent branch) or while a CUDA graph captures (a synchronization),
+    so the checks are skipped there: validate=True never breaks a compiled or captured
+    step, and validate=False skips them everywhere.
     """
-    if x.numel() and torch.isnan(x.amax()):
-        raise ValueError(f"{name} contains NaN (shape {tuple(x.shape)})")
+    if not validate or torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def check_costs(name: str, cost: torch.Tensor) -> None:
+    """+inf is a forbidden pair; NaN, -inf and a row with no allowed column raise.
+
+    One reduction to the row minima (NaN propagates, -inf and an all-+inf row show) and
+    one host read of three flags.
+    """
+    if cost.numel() == 0:
+        return
+    row_min = cost.amin(dim=-1)
+    nan, neg_inf, full_row = torch.stack(
+        [row_min.isnan().any(), (row_min == -math.inf).any(), (row_min == math.inf).any()]
+    ).tolist()
+    shape = tuple(cost.shape)
+    if nan:
+        raise ValueError(f"{name} contains NaN (shape {shape})")
+    if neg_inf:
+        raise ValueError(f"{name} contains -inf (shape {shape}); +inf marks a forbidden pair")
+    if full_row:
+        raise ValueError(
+            f"{name} has a row with no allowed column (every entry +inf, shape {shape})"
+        )
+
+
+def check_finite(**tensors: torch.Tensor) -> None:
+    """Every tensor free of NaN and infinities; one host read for all of them."""
+    from .reference import nonfinite_flag
+
+    flags = torch.stack([nonfinite_flag(x) for x in tensors.values()]).tolist()
+    for (name, x), bad in zip(tensors.items(), flags):
+        if bad:
+            raise ValueError(f"{name} contains NaN or an infinity (shape {tuple(x.shape)})")
+
+
+def check_no_nan(**tensors: torch.Tensor) -> None:
+    """Every tensor free of NaN (a max reduction propagates it: no x-sized mask); one host read."""
+    present = {name: x for name, x in tensors.items() if x.numel()}
+    if not present:
+        return
+    flags = torch.stack([x.amax().isnan() for x in present.values()]).tolist()
+    for (name, x), bad in zip(present.items(), flags):
+        if bad:
+            raise ValueError(f"{name} contains NaN (shape {tuple(x.shape)})")
+
+
+def raise_if_nonfinite_scores(
+    flag: torch.Tensor, shape: tuple[int, ...], across_ranks: bool
+) -> None:
+    """sinkhorn_knopp's check. Across ranks the flag comes out of the first all-reduce, so
+    every rank raises the same error at the same point and none is left in a collective."""
+    if bool(flag):
+        where = " on this rank or another" if across_ranks else ""
+        raise ValueError(f"scores contains NaN or an infinity{where} (shape {shape})")
 
 
 def check_rows_fit(name: str, shape: torch.Size | tuple[int, ...]) -> None:

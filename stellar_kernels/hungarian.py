@@ -8,28 +8,16 @@ convention; +inf is forbidden when maximizing too).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ._backend import resolve_backend
 from ._extension import cuda_extension_built, load_extension
-from ._validation import check_rows_fit, check_tensor
+from ._validation import check_no_nan, check_rows_fit, check_tensor, checking
+from .reference import hungarian_scipy
 
 HUNGARIAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _STATUS_INFEASIBLE = 1
 _STATUS_INVALID = 2
-
-
-def hungarian_scipy(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
-    """Reference: a loop of scipy.optimize.linear_sum_assignment over the batch."""
-    from scipy.optimize import linear_sum_assignment
-
-    host = cost.detach().to("cpu", torch.float64).numpy()
-    index = np.empty(host.shape[:2], dtype=np.int64)
-    for b, problem in enumerate(host):
-        rows, cols = linear_sum_assignment(problem, maximize=maximize)
-        index[b, rows] = cols
-    return torch.from_numpy(index).to(cost.device)
 
 
 def _prepare(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
@@ -39,6 +27,21 @@ def _prepare(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
     if cost.dtype in (torch.float16, torch.bfloat16):
         cost = cost.float()
     return cost
+
+
+def _cannot_serve(impl: str, device: torch.device) -> str | None:
+    if impl == "cpp" and device.type != "cpu":
+        return f"the C++ solver takes CPU tensors, got a {device.type} tensor"
+    if impl == "cuda":
+        if device.type != "cuda":
+            return f"the CUDA kernel takes CUDA tensors, got a {device.type} tensor"
+        load_extension()
+        if not cuda_extension_built():
+            return (
+                "stellar_kernels._C was built without CUDA; reinstall with a CUDA toolkit "
+                "present (pip install -e . --no-build-isolation)"
+            )
+    return None
 
 
 def hungarian_match(
@@ -54,9 +57,14 @@ def hungarian_match(
         cost: (B, Q, T) or (Q, T), Q <= T, float16/bfloat16/float32/float64;
             +inf entries (and -inf when maximizing) are forbidden pairs.
         maximize: maximize the total instead of minimizing it.
-        backend: None (C++ on CPU, CUDA on GPU), "cpp", "cuda" or "scipy".
-        validate: check the per-problem status and raise on NaN or infeasible
-            problems (one host synchronization); False leaves index -1 there.
+        backend: None (the C++ solver on CPU tensors, the CUDA kernel on CUDA tensors; a
+            loop of scipy's solver on a host copy where the extension was built without
+            CUDA), "cpp", "cuda" or "scipy" (the reference: scipy's linear_sum_assignment
+            per problem). A backend that cannot serve the input raises ValueError.
+        validate: raise ValueError on NaN or on problems with no complete assignment
+            (one host read of the per-problem status); skipped while torch.compile traces
+            and while a CUDA graph captures, and everywhere with validate=False, which
+            leaves index -1 in such problems.
 
     Returns:
         index (B, Q) int64 ((Q,) for 2-D cost): the column assigned to each row.
@@ -66,26 +74,26 @@ def hungarian_match(
     if not isinstance(maximize, bool):
         raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
     impl = resolve_backend(
-        "hungarian_match", backend, cost.device, ("cpp", "cuda", "scipy"), "cuda", "cpp"
+        "hungarian_match",
+        backend,
+        cost.device,
+        ("cpp", "cuda", "scipy"),
+        "cuda",
+        "cpp",
+        cannot_serve=lambda name: _cannot_serve(name, cost.device),
+        fallbacks=("scipy",),
+        hint="the exact solver's reference implementation is 'scipy'",
     )
-    batched = _prepare(cost if cost.dim() == 3 else cost.unsqueeze(0), maximize)
+    check = checking(validate, cost)
+    batched = _prepare((cost if cost.dim() == 3 else cost.unsqueeze(0)).detach(), maximize)
     if impl == "scipy":
-        if validate and torch.isnan(batched).any():
-            raise ValueError(f"cost contains NaN (shape {tuple(cost.shape)})")
+        if check:
+            check_no_nan(cost=batched)
         index = hungarian_scipy(batched, maximize)
     else:
-        if (impl == "cuda") != (cost.device.type == "cuda"):
-            raise ValueError(
-                f"hungarian_match: backend={impl!r} cannot run on a {cost.device.type} tensor"
-            )
         load_extension()
-        if impl == "cuda" and not cuda_extension_built():
-            raise RuntimeError(
-                "hungarian_match: stellar_kernels._C was built without CUDA; reinstall with a CUDA "
-                "toolkit present (pip install -e . --no-build-isolation) or use backend='scipy'"
-            )
         index, status = torch.ops.stellar_ext.hungarian(batched, maximize)
-        if validate:
+        if check:
             _raise_on_status(status, cost.shape)
     return index if cost.dim() == 3 else index[0]
 

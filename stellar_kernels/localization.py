@@ -1,72 +1,37 @@
-"""Localization matrix (paper eq. 14) and low-rank features (eq. 1).
+"""Localization matrix (paper eq. 14) and low-rank features (eq. 1): `localization`, `factorize`.
 
 spatial[b, n, k] = softmax_k(cos(dense[b, n], sparse[b, k]) / temperature)
 lowrank[b] = spatial[b] @ values[b]
 
-Three layers, all in this file:
+This module holds the Triton kernels, their launchers, the autograd wiring and the public
+entry points; the PyTorch reference is `stellar_kernels.reference.factorize_reference`.
 
-* the PyTorch reference (`localization_reference`, `factorize_reference`);
-* fused Triton kernels: one forward kernel per (image, block of patches) that
-  streams `dense` and `sparse` over d, normalizes, applies the softmax over K
-  in registers and streams `values` over D; one backward kernel per (image,
-  run of patch blocks) that writes the dense gradient and per-program partial
-  sums for the sparse and values gradients, and a small kernel that adds the
-  partials in a fixed order (no atomics: results are bitwise reproducible);
-* `torch.library` custom ops around them (fake implementations and the
-  autograd formula), so that `torch.compile(fullgraph=True)` traces through.
+* one forward kernel per (image, block of patches) streams `dense` and `sparse` over d,
+  normalizes, applies the softmax over K in registers and streams `values` over D;
+* one backward kernel per (image, run of patch blocks) writes the dense gradient and
+  per-program partial sums for the sparse and values gradients, and a small kernel adds
+  the partials in a fixed order (no atomics: results are bitwise reproducible);
+* eager calls go through `_FactorizeFunction` (a torch.autograd.Function); under
+  torch.compile the same launches run as `torch.library` custom ops with fake
+  implementations and a registered backward, so `fullgraph=True` traces through.
 
-The Triton path covers float16, bfloat16 and float32 inputs of one dtype with
-K <= 64 (float32 accumulation; float32 dots use IEEE precision, not TF32).
-float64 inputs, mixed dtypes, K > 64 and empty inputs use the PyTorch reference.
+The Triton path covers float16, bfloat16 and float32 inputs of one dtype with K <= 64
+(float32 accumulation; float32 dots use IEEE precision, not TF32). The backward kernels
+have no derivative of their own: a backward with create_graph=True (the start of a second
+derivative) differentiates the PyTorch reference instead, so higher derivatives are exact
+on both paths.
 """
-
-import functools
-import types
 
 import torch
 
 from ._backend import resolve_backend, triton_interpreting
-from ._validation import check_positive, check_same_device, check_tensor
-
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # the package imports without triton; the Triton backend is then unavailable
-    HAS_TRITON = False
-    triton = types.SimpleNamespace(jit=lambda fn: fn)
-    tl = types.SimpleNamespace(constexpr=None)
+from ._triton import on_device, sm_count, tl, triton
+from ._validation import check_no_nan, check_positive, check_same_device, check_tensor, checking
+from .reference import factorize_reference, localization_reference
 
 LOC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-NORM_EPS = 1e-7  # L2-normalize eps of the reference code (also written into the kernels)
 MAX_TRITON_K = 64
-
-# ----------------------------------------------------------------------------- reference
-
-
-def l2_normalize(x: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
-
-
-def localization_reference(
-    dense: torch.Tensor, sparse: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """(B, N, K) softmax over K of cosine similarities / temperature, computed in float32 at least."""
-    acc = torch.promote_types(dense.dtype, torch.float32)
-    cos = l2_normalize(dense.to(acc)) @ l2_normalize(sparse.to(acc)).transpose(1, 2)
-    return torch.softmax(cos / temperature, dim=-1).to(dense.dtype)
-
-
-def factorize_reference(
-    dense: torch.Tensor, sparse: torch.Tensor, values: torch.Tensor, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    spatial = localization_reference(dense, sparse, temperature)
-    acc = torch.promote_types(values.dtype, torch.float32)
-    lowrank = (spatial.to(acc) @ values.to(acc)).to(values.dtype)
-    return spatial, lowrank
-
 
 # ----------------------------------------------------------------------------- Triton kernels
 #
@@ -416,8 +381,6 @@ REDUCE_BLOCK_F = 256
 # The backward aims at this many programs per streaming multiprocessor (two resident
 # at 8 warps); fewer programs per image mean fewer partial sums to write and add.
 BWD_PROGRAMS_PER_SM = 2
-# Tests set this to force the backward's split of the patch blocks over programs.
-_BWD_SPLIT_OVERRIDE: int | None = None
 
 _MODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -430,27 +393,11 @@ def _fwd_num_warps(block_k: int) -> int:
     return 4 if block_k <= 16 else 8
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def _bwd_split(batch: int, n_blocks: int, device: torch.device) -> tuple[int, int]:
     """(programs per image, patch blocks per program) for the backward."""
-    if _BWD_SPLIT_OVERRIDE is not None:
-        split = _BWD_SPLIT_OVERRIDE
-    else:
-        target = BWD_PROGRAMS_PER_SM * _sm_count(device)
-        split = -(-target // batch)
-    split = max(1, min(split, n_blocks))
-    per_program = -(-n_blocks // split)
-    return -(-n_blocks // per_program), per_program
+    split = max(1, min(triton.cdiv(BWD_PROGRAMS_PER_SM * sm_count(device), batch), n_blocks))
+    per_program = triton.cdiv(n_blocks, split)
+    return triton.cdiv(n_blocks, per_program), per_program
 
 
 def _fwd_launch(
@@ -468,31 +415,32 @@ def _fwd_launch(
     vals = values if values is not None else sparse
     block_k = _block_k(k)
     n_blocks = triton.cdiv(n, FWD_BLOCK_N)
-    _factorize_fwd_kernel[(bsz * n_blocks,)](
-        dense,
-        sparse,
-        vals,
-        spatial,
-        lowrank,
-        cos,
-        rnorm,
-        snorm,
-        n,
-        k,
-        dim,
-        dv_dim,
-        n_blocks,
-        *dense.stride(),
-        *sparse.stride(),
-        *vals.stride(),
-        float(temperature),
-        MODE=_MODES[dense.dtype],
-        INTERPRET=triton_interpreting(),
-        BLOCK_N=FWD_BLOCK_N,
-        BLOCK_K=block_k,
-        BLOCK_D=FWD_BLOCK_D,
-        num_warps=_fwd_num_warps(block_k),
-    )
+    with on_device(dev):
+        _factorize_fwd_kernel[(bsz * n_blocks,)](
+            dense,
+            sparse,
+            vals,
+            spatial,
+            lowrank,
+            cos,
+            rnorm,
+            snorm,
+            n,
+            k,
+            dim,
+            dv_dim,
+            n_blocks,
+            *dense.stride(),
+            *sparse.stride(),
+            *vals.stride(),
+            float(temperature),
+            MODE=_MODES[dense.dtype],
+            INTERPRET=triton_interpreting(),
+            BLOCK_N=FWD_BLOCK_N,
+            BLOCK_K=block_k,
+            BLOCK_D=FWD_BLOCK_D,
+            num_warps=_fwd_num_warps(block_k),
+        )
     return spatial, lowrank, cos, rnorm, snorm
 
 
@@ -529,149 +477,59 @@ def _bwd_launch(
     vals = values if has_gl else sparse
     gl = grad_lowrank if has_gl else dense
     gs = grad_spatial if has_gs else cos
-    _factorize_bwd_kernel[(bsz * split,)](
-        dense,
-        sparse,
-        vals,
-        cos,
-        rnorm,
-        snorm,
-        gs,
-        gl,
-        d_dense,
-        ds_part,
-        dv_part,
-        h_part,
-        n,
-        k,
-        dim,
-        dv_dim if has_gl else 0,
-        split,
-        per_program,
-        *dense.stride(),
-        *sparse.stride(),
-        *vals.stride(),
-        *gs.stride(),
-        *gl.stride(),
-        float(temperature),
-        int(has_gs),
-        MODE=_MODES[dense.dtype],
-        INTERPRET=triton_interpreting(),
-        BLOCK_N=BWD_BLOCK_N,
-        BLOCK_K=block_k,
-        BLOCK_D=BWD_BLOCK_D,
-        num_warps=BWD_NUM_WARPS,
-    )
-    n_features = max(dim, dv_dim if has_gl else 0)
-    if n_features > 0:
-        _factorize_bwd_reduce_kernel[(bsz * k, triton.cdiv(n_features, REDUCE_BLOCK_F))](
+    with on_device(dev):
+        _factorize_bwd_kernel[(bsz * split,)](
+            dense,
             sparse,
+            vals,
+            cos,
+            rnorm,
             snorm,
+            gs,
+            gl,
+            d_dense,
             ds_part,
             dv_part,
             h_part,
-            d_sparse,
-            d_values,
+            n,
             k,
             dim,
             dv_dim if has_gl else 0,
             split,
+            per_program,
+            *dense.stride(),
             *sparse.stride(),
+            *vals.stride(),
+            *gs.stride(),
+            *gl.stride(),
+            float(temperature),
+            int(has_gs),
+            MODE=_MODES[dense.dtype],
             INTERPRET=triton_interpreting(),
-            BLOCK_F=REDUCE_BLOCK_F,
+            BLOCK_N=BWD_BLOCK_N,
+            BLOCK_K=block_k,
+            BLOCK_D=BWD_BLOCK_D,
+            num_warps=BWD_NUM_WARPS,
         )
+        n_features = max(dim, dv_dim if has_gl else 0)
+        if n_features > 0:
+            _factorize_bwd_reduce_kernel[(bsz * k, triton.cdiv(n_features, REDUCE_BLOCK_F))](
+                sparse,
+                snorm,
+                ds_part,
+                dv_part,
+                h_part,
+                d_sparse,
+                d_values,
+                k,
+                dim,
+                dv_dim if has_gl else 0,
+                split,
+                *sparse.stride(),
+                INTERPRET=triton_interpreting(),
+                BLOCK_F=REDUCE_BLOCK_F,
+            )
     return d_dense, d_sparse, d_values
-
-
-def gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
-    """Every (kernel, constexpr configuration, num_warps) the launchers can pick, with
-    example ViT-B arguments, for compiling without a GPU (`stellar_kernels.testing.compile_for_gpu`)."""
-    n, d = 196, 768
-    rows = dict(b=n * d, n=d, d=1)  # strides of a contiguous (B, N, d) tensor
-    cases = []
-    for dtype, mode in _MODES.items():
-        io = torch.empty(1, dtype=dtype)
-        f32 = torch.empty(1, dtype=torch.float32)
-        name = str(dtype).removeprefix("torch.")
-        for block_k in sorted({_block_k(k) for k in range(1, MAX_TRITON_K + 1)}):
-            k = block_k - 1
-            toks = dict(b=k * d, k=d, d=1)  # strides of a contiguous (B, K, d) tensor
-            common = dict(
-                N=n,
-                K=k,
-                d=d,
-                D=d,
-                temperature=0.06,
-                MODE=mode,
-                INTERPRET=False,
-                BLOCK_K=block_k,
-                **{f"s_d{a}": v for a, v in rows.items()},
-                **{f"s_s{a}": v for a, v in toks.items()},
-                **{f"s_v{a}": v for a, v in toks.items()},
-            )
-            fwd = dict(
-                dense_ptr=io,
-                sparse_ptr=io,
-                values_ptr=io,
-                spatial_ptr=io,
-                lowrank_ptr=io,
-                cos_ptr=f32,
-                rnorm_ptr=f32,
-                snorm_ptr=f32,
-                n_blocks=triton.cdiv(n, FWD_BLOCK_N),
-                BLOCK_N=FWD_BLOCK_N,
-                BLOCK_D=FWD_BLOCK_D,
-                **common,
-            )
-            bwd = dict(
-                dense_ptr=io,
-                sparse_ptr=io,
-                values_ptr=io,
-                cos_ptr=f32,
-                rnorm_ptr=f32,
-                snorm_ptr=f32,
-                gspatial_ptr=io,
-                glowrank_ptr=io,
-                ddense_ptr=io,
-                dsparse_part_ptr=f32,
-                dvalues_part_ptr=f32,
-                h_part_ptr=f32,
-                split=2,
-                blocks_per_program=2,
-                s_gsb=n * k,
-                s_gsn=k,
-                s_gsk=1,
-                **{f"s_gl{a}": v for a, v in rows.items()},
-                has_gspatial=1,
-                BLOCK_N=BWD_BLOCK_N,
-                BLOCK_D=BWD_BLOCK_D,
-                **common,
-            )
-            fwd_warps = _fwd_num_warps(block_k)
-            cases.append((f"fwd_{name}_BLOCK_K{block_k}", _factorize_fwd_kernel, fwd, fwd_warps))
-            cases.append(
-                (f"bwd_{name}_BLOCK_K{block_k}", _factorize_bwd_kernel, bwd, BWD_NUM_WARPS)
-            )
-        reduce = dict(
-            sparse_ptr=io,
-            snorm_ptr=f32,
-            dsparse_part_ptr=f32,
-            dvalues_part_ptr=f32,
-            h_part_ptr=f32,
-            dsparse_ptr=io,
-            dvalues_ptr=io,
-            K=16,
-            d=d,
-            D=d,
-            split=2,
-            s_sb=16 * d,
-            s_sk=d,
-            s_sd=1,
-            INTERPRET=False,
-            BLOCK_F=REDUCE_BLOCK_F,
-        )
-        cases.append((f"reduce_{name}", _factorize_bwd_reduce_kernel, reduce, 4))
-    return cases
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -742,7 +600,35 @@ def _setup_context(ctx, inputs, output):
     ctx.has_values = values is not None
 
 
+def _differentiable_backward(ctx, grad_spatial, grad_lowrank):
+    """The backward under create_graph=True: the reference's gradient, built as a graph,
+    so a second derivative through the Triton path is exact. The backward kernels compute
+    the same first derivative but have no derivative of their own."""
+    dense, sparse, values = ctx.saved_tensors[:3]
+    with torch.enable_grad():
+        if values is None:
+            outputs = (localization_reference(dense, sparse, ctx.temperature),)
+        else:
+            outputs = factorize_reference(dense, sparse, values, ctx.temperature)
+    pairs = [(o, g) for o, g in zip(outputs, (grad_spatial, grad_lowrank)) if g is not None]
+    wanted = [i for i, t in enumerate((dense, sparse, values)) if t is not None and t.requires_grad]
+    grads: list[torch.Tensor | None] = [None, None, None, None]
+    if pairs and wanted:
+        found = torch.autograd.grad(
+            [o for o, _ in pairs],
+            [(dense, sparse, values)[i] for i in wanted],
+            [g for _, g in pairs],
+            create_graph=True,
+            allow_unused=True,
+        )
+        for i, g in zip(wanted, found):
+            grads[i] = g
+    return tuple(grads)
+
+
 def _backward(ctx, grad_spatial, grad_lowrank, *_unused):
+    if torch.is_grad_enabled():
+        return _differentiable_backward(ctx, grad_spatial, grad_lowrank)
     dense, sparse, values, cos, rnorm, snorm = ctx.saved_tensors
     d_dense, d_sparse, d_values = _factorize_backward_op(
         grad_spatial, grad_lowrank, dense, sparse, values, cos, rnorm, snorm, ctx.temperature
@@ -769,6 +655,8 @@ class _FactorizeFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_spatial, grad_lowrank):
+        if torch.is_grad_enabled():
+            return _differentiable_backward(ctx, grad_spatial, grad_lowrank)
         dense, sparse, values, cos, rnorm, snorm = ctx.saved_tensors
         d_dense, d_sparse, d_values = _bwd_launch(
             grad_spatial, grad_lowrank, dense, sparse, values, cos, rnorm, snorm, ctx.temperature
@@ -779,6 +667,10 @@ class _FactorizeFunction(torch.autograd.Function):
 def _factorize_triton(
     dense: torch.Tensor, sparse: torch.Tensor, values: torch.Tensor | None, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if dense.numel() == 0 or sparse.numel() == 0:  # nothing to launch for
+        if values is None:
+            return localization_reference(dense, sparse, temperature), dense.new_empty(0)
+        return factorize_reference(dense, sparse, values, temperature)
     if torch.compiler.is_compiling():
         return _factorize_op(dense, sparse, values, temperature)[:2]
     return _FactorizeFunction.apply(dense, sparse, values, temperature)
@@ -803,6 +695,22 @@ def _check_pair(dense: torch.Tensor, sparse: torch.Tensor, temperature: float) -
     return check_positive("temperature", temperature)
 
 
+def _triton_reason(
+    dense: torch.Tensor, sparse: torch.Tensor, values: torch.Tensor | None
+) -> str | None:
+    """Why the Triton kernels cannot serve these inputs (None when they can)."""
+    if dense.dtype not in TRITON_DTYPES:
+        return f"{dense.dtype} inputs (the Triton kernels take float16, bfloat16 and float32)"
+    if values is not None and values.dtype != dense.dtype:
+        return (
+            f"values has dtype {values.dtype} and dense {dense.dtype} "
+            "(the Triton kernels take one dtype)"
+        )
+    if sparse.shape[1] > MAX_TRITON_K:
+        return f"K = {sparse.shape[1]} tokens (the Triton kernels take K <= {MAX_TRITON_K})"
+    return None
+
+
 def _pick(
     op: str,
     backend: str | None,
@@ -810,26 +718,17 @@ def _pick(
     sparse: torch.Tensor,
     values: torch.Tensor | None,
 ) -> str:
-    """'triton' when the Triton path applies, else 'torch'.
-
-    backend=None on a CUDA tensor picks Triton; inputs the Triton path does not
-    cover (float64, values of another dtype, K > 64, empty tensors, no triton
-    installed) use the PyTorch reference whatever the backend.
-    """
-    if backend is None and dense.device.type == "cuda" and not HAS_TRITON:
-        return "torch"
-    impl = resolve_backend(op, backend, dense.device, ("torch", "triton"), "triton", "torch")
-    if impl != "triton":
-        return "torch"
-    if not HAS_TRITON:
-        raise ValueError(f"{op}: backend='triton' needs the triton package")
-    covered = (
-        dense.dtype in TRITON_DTYPES
-        and (values is None or values.dtype == dense.dtype)
-        and 1 <= sparse.shape[1] <= MAX_TRITON_K
-        and dense.numel() > 0
+    return resolve_backend(
+        op,
+        backend,
+        dense.device,
+        ("torch", "triton"),
+        "triton",
+        "torch",
+        cannot_serve=lambda impl: (
+            _triton_reason(dense, sparse, values) if impl == "triton" else None
+        ),
     )
-    return "triton" if covered else "torch"
 
 
 def localization(
@@ -838,6 +737,7 @@ def localization(
     temperature: float = 0.06,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Softmax over the K tokens of cos(dense_n, sparse_k) / temperature.
 
@@ -845,13 +745,24 @@ def localization(
         dense: (B, N, d) projected patch features.
         sparse: (B, K, d) projected sparse tokens, same dtype.
         temperature: softmax temperature (> 0), a Python number (no gradient).
-        backend: None (fastest available: Triton on CUDA), "torch" or "triton".
+        backend: None (Triton on CUDA tensors, else the PyTorch reference; the reference
+            also for float64 inputs, K > 64, or where triton is not installed), "torch"
+            or "triton" (a CUDA tensor, or a CPU tensor under TRITON_INTERPRET=1, of a
+            half or float32 dtype with K <= 64; else ValueError).
+        validate: raise ValueError if `dense` or `sparse` holds NaN (one host read);
+            skipped while torch.compile traces and while a CUDA graph captures, and
+            everywhere with validate=False.
 
     Returns:
-        spatial (B, N, K) in the input dtype; differentiable w.r.t. dense and sparse.
+        spatial (B, N, K) in the input dtype; differentiable w.r.t. dense and sparse, with
+        the same gradients on every backend; second derivatives too (through Triton, a
+        backward with create_graph=True differentiates the reference).
     """
     temperature = _check_pair(dense, sparse, temperature)
-    if _pick("localization", backend, dense, sparse, None) == "triton":
+    impl = _pick("localization", backend, dense, sparse, None)
+    if checking(validate, dense):
+        check_no_nan(dense=dense, sparse=sparse)
+    if impl == "triton":
         return _factorize_triton(dense, sparse, None, temperature)[0]
     return localization_reference(dense, sparse, temperature)
 
@@ -863,6 +774,7 @@ def factorize(
     temperature: float = 0.06,
     *,
     backend: str | None = None,
+    validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Localization matrix and the low-rank features it spans.
 
@@ -871,11 +783,20 @@ def factorize(
         sparse: (B, K, d) projected sparse tokens (W_s S), same dtype.
         values: (B, K, D) the sparse tokens themselves.
         temperature: softmax temperature (> 0), a Python number (no gradient).
-        backend: None (fastest available: Triton on CUDA), "torch" or "triton".
+        backend: None (Triton on CUDA tensors, else the PyTorch reference; the reference
+            also for float64 inputs, values of another dtype than dense, K > 64, or where
+            triton is not installed), "torch" or "triton" (a CUDA tensor, or a CPU tensor
+            under TRITON_INTERPRET=1, of one half or float32 dtype with K <= 64; else
+            ValueError).
+        validate: raise ValueError if `dense`, `sparse` or `values` holds NaN (one host
+            read); skipped while torch.compile traces and while a CUDA graph captures,
+            and everywhere with validate=False.
 
     Returns:
         (spatial (B, N, K), lowrank (B, N, D) = spatial @ values), differentiable
-        w.r.t. dense, sparse and values.
+        w.r.t. dense, sparse and values, with the same gradients on every backend;
+        second derivatives too (through Triton, a backward with create_graph=True
+        differentiates the reference).
     """
     temperature = _check_pair(dense, sparse, temperature)
     check_tensor("values", values, (3,), LOC_DTYPES)
@@ -885,6 +806,9 @@ def factorize(
             "values (B, K, D) must match sparse (B, K, d) in B and K: "
             f"sparse {tuple(sparse.shape)}, values {tuple(values.shape)}"
         )
-    if _pick("factorize", backend, dense, sparse, values) == "triton":
+    impl = _pick("factorize", backend, dense, sparse, values)
+    if checking(validate, dense):
+        check_no_nan(dense=dense, sparse=sparse, values=values)
+    if impl == "triton":
         return _factorize_triton(dense, sparse, values, temperature)
     return factorize_reference(dense, sparse, values, temperature)

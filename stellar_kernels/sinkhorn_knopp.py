@@ -6,9 +6,10 @@ eps, to the power `scale`) and then each row divided by its sum (plus eps).
 Across ranks, column statistics are all-reduced, so every rank gets the rows of
 the result that one call on all ranks' rows stacked would give.
 
-Two implementations live here: `sinkhorn_knopp_reference` (eager PyTorch, one
-float32 N x P buffer normalized in place) and the Triton kernels below, which
-work in the dual form of DESIGN.md section 3.
+This module holds the Triton kernels, their launcher, the `torch.library` custom op
+and the public entry point; the PyTorch reference (eager, one float32 N x P buffer
+normalized in place) is `stellar_kernels.reference.sinkhorn_knopp_reference`. The
+kernels work in the dual form of docs/design.md ("Sinkhorn-Knopp clustering").
 
 Dual form. q_ij = exp((s_ij - m_j) + b_j + a_i) with m the column max, b (P)
 and a (N) float32 duals starting at zero. The column step of an iteration is
@@ -39,40 +40,38 @@ L2 only when the rows in flight fit there.
 
 Memory: besides q, the call allocates m, b, a and one (P,) column-sum vector
 (O(N + P) float32); the partial buffers are carved out of q before q is
-written (a separate O(P) buffer only when N is too small to hold them). The
-NaN scan (validate=True) is a max reduction, which propagates NaN, instead of
-an N x P boolean mask.
+written (a separate O(P) buffer only when N is too small to hold them).
+
+Non-finite scores. Pass 1 also raises a flag (one atomic max per program) when it
+reads a NaN or an infinity; the flag sits after the column max, in the same vector,
+so the first all-reduce tells every rank. validate=True reads it once, at the end,
+and raises the same ValueError on every rank, after the same collectives.
 
 Across ranks (torch.distributed initialized, or `group` given, and not
-`local`): after pass 1 the column max is all-reduced with MAX, each rank
-rescales its column sums to the global max, and the sums are all-reduced with
-SUM; after each later pass the column sums are all-reduced with SUM. The
-all-reduces act on (P,) float32 vectors between kernel launches, so the same
-code runs with NCCL (CUDA tensors) and gloo (CPU tensors, Triton interpreter).
+`local`): after pass 1 the column max (and the flag) is all-reduced with MAX,
+each rank rescales its column sums to the global max, and the sums are
+all-reduced with SUM; after each later pass the column sums are all-reduced with
+SUM. The all-reduces act on (P,) float32 vectors between kernel launches, so the
+same code runs with NCCL (CUDA tensors) and gloo (CPU tensors, Triton
+interpreter). A rank with no rows launches nothing but joins every collective
+with neutral values (max -inf, sums 0) and returns a (0, P) result.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 import torch.distributed as dist
 
 from ._backend import resolve_backend
-from ._validation import check_iterations, check_not_nan, check_positive, check_tensor
-
-try:  # the Triton backend is optional: without triton only backend="torch" works
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-
-HAS_TRITON = triton is not None
-
-
-def _jit(fn):
-    return triton.jit(fn) if HAS_TRITON else fn
+from ._triton import on_device, sm_count, tl, triton
+from ._validation import (
+    check_iterations,
+    check_positive,
+    check_tensor,
+    checking,
+    raise_if_nonfinite_scores,
+)
+from .reference import sinkhorn_knopp_reference
 
 
 def distributed_group(group: object | None, local: bool) -> object | None:
@@ -84,37 +83,17 @@ def distributed_group(group: object | None, local: bool) -> object | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def all_reduce_(x: torch.Tensor, op: object, group: object | None) -> torch.Tensor:
-    if group is not None:
-        dist.all_reduce(x, op=op, group=group)
-    return x
-
-
-def sinkhorn_knopp_reference(
-    scores: torch.Tensor, n_iters: int, scale: float, eps: float, group: object | None
-) -> torch.Tensor:
-    """Eager SK: one float32 N x P buffer (the output), normalized in place."""
-    col_max = scores.amax(dim=0).float()
-    all_reduce_(col_max, dist.ReduceOp.MAX, group)
-    q = scores.float() - col_max  # the output buffer; every later step is in place
-    q.exp_()
-    for _ in range(n_iters):
-        col_sum = all_reduce_(q.sum(dim=0), dist.ReduceOp.SUM, group)
-        q.div_(col_sum.add_(eps).pow_(scale))
-        q.div_(q.sum(dim=1, keepdim=True).add_(eps))
-    return q
-
-
 # ----------------------------------------------------------------------------------------------
 # Triton kernels
 # ----------------------------------------------------------------------------------------------
 
 
-@_jit
+@triton.jit
 def _sk_colstats_kernel(
     s_ptr,
     pmax_ptr,
     psum_ptr,
+    flag_ptr,
     N,
     P,
     stride_n,
@@ -126,7 +105,8 @@ def _sk_colstats_kernel(
     """Pass 1: per (column block, row split) the column max and sum of exp(s - max).
 
     The running max is rescaled as in flash attention, so the max and the sums
-    come from one read. Writes pmax[split, col] and psum[split, col].
+    come from one read. Writes pmax[split, col] and psum[split, col], and raises
+    flag[0] to 1 if the block holds a NaN or an infinity.
     """
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
@@ -136,6 +116,7 @@ def _sk_colstats_kernel(
     row0 = split * rows_per_split
     run_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_P], tl.float32)
+    bad = tl.zeros([BLOCK_P], tl.float32)
     for i in range(0, rows_per_split, BLOCK_N):
         rows = row0 + i + tl.arange(0, BLOCK_N)
         mask = (rows < N)[:, None] & cmask[None, :]
@@ -144,6 +125,8 @@ def _sk_colstats_kernel(
             mask=mask,
             other=float("-inf"),
         ).to(tl.float32)
+        nonfinite = mask & ((s != s) | (tl.abs(s) == float("inf")))
+        bad = tl.maximum(bad, tl.max(nonfinite.to(tl.float32), axis=0))
         new_max = tl.maximum(run_max, tl.max(s, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(s - shift[None, :]), axis=0)
@@ -151,9 +134,10 @@ def _sk_colstats_kernel(
     out = split.to(tl.int64) * P + cols
     tl.store(pmax_ptr + out, run_max, mask=cmask)
     tl.store(psum_ptr + out, run_sum, mask=cmask)
+    tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
 
 
-@_jit
+@triton.jit
 def _sk_reduce_kernel(
     pmax_ptr,
     psum_ptr,
@@ -209,7 +193,7 @@ def _sk_reduce_kernel(
         tl.store(colsum_ptr + cols, acc, mask=cmask)
 
 
-@_jit
+@triton.jit
 def _sk_rows_resident_kernel(
     s_ptr,
     m_ptr,
@@ -267,7 +251,7 @@ def _sk_rows_resident_kernel(
         tl.store(part_ptr + pid.to(tl.int64) * P + cols, col_acc, mask=cmask)
 
 
-@_jit
+@triton.jit
 def _sk_rows_chunked_kernel(
     s_ptr,
     m_ptr,
@@ -343,197 +327,109 @@ REDUCE_BLOCK_R, REDUCE_BLOCK_P, REDUCE_WARPS = 32, 128, 4
 CHUNKED_BLOCK_N, CHUNKED_BLOCK_P, CHUNKED_WARPS = 4, 2048, 8
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def resident_config(P: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_P, num_warps) of the resident kernel for rows of P <= MAX_RESIDENT_P columns."""
-    block_p = max(16, _next_pow2(P))
+    block_p = max(16, triton.next_power_of_2(P))
     block_n = max(1, RESIDENT_TILE // block_p)
     num_warps = max(4, block_p // 1024)  # about 32 elements of a tile per thread
     return block_n, block_p, num_warps
 
 
-def resident_block_ps() -> list[int]:
-    """Every BLOCK_P the launcher can give the resident kernel (for compile checks)."""
-    return [1 << k for k in range(4, MAX_RESIDENT_P.bit_length())]
-
-
-@functools.cache
-def _compile_row_args(s, block_n, block_p, last):
-    f32 = torch.empty(1)
-    return dict(
-        s_ptr=s, m_ptr=f32, b_ptr=f32, a_ptr=f32, part_ptr=f32, q_ptr=f32,
-        N=1000, P=1000, stride_n=1000, stride_p=1, eps=1e-8,
-        LAST=last, BLOCK_N=block_n, BLOCK_P=block_p,
-    )  # fmt: skip
-
-
-def gpu_compile_cases() -> list[tuple[str, object, dict, int]]:
-    """(label, kernel, args, num_warps) for every constexpr configuration the launchers can pick."""
-    cases = []
-    f32 = torch.empty(1)
-    halves = [torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float16)]
-    for s in [f32, *halves]:
-        cases.append((
-            f"colstats/{s.dtype}",
-            _sk_colstats_kernel,
-            dict(
-                s_ptr=s, pmax_ptr=f32, psum_ptr=f32, N=1000, P=1000, stride_n=1000,
-                stride_p=1, rows_per_split=64,
-                BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P,
-            ),
-            COLSTATS_WARPS,
-        ))  # fmt: skip
-    for first in (False, True):
-        for finish in (False, True):
-            cases.append((
-                f"reduce/first={first}/finish={finish}",
-                _sk_reduce_kernel,
-                dict(
-                    pmax_ptr=f32, psum_ptr=f32, m_ptr=f32, b_ptr=f32, colsum_ptr=f32,
-                    R=100, P=1000, scale=1.0, eps=1e-8, FIRST=first, FINISH=finish,
-                    BLOCK_R=REDUCE_BLOCK_R, BLOCK_P=REDUCE_BLOCK_P,
-                ),
-                REDUCE_WARPS,
-            ))  # fmt: skip
-    for last in (False, True):
-        for block_p in resident_block_ps():
-            block_n, block_p, num_warps = resident_config(block_p)
-            cases.append(
-                (
-                    f"rows_resident/P{block_p}/last={last}",
-                    _sk_rows_resident_kernel,
-                    _compile_row_args(f32, block_n, block_p, last),
-                    num_warps,
-                )
-            )
-        widest = resident_config(MAX_RESIDENT_P)
-        for s in halves:
-            cases.append(
-                (
-                    f"rows_resident/{s.dtype}/last={last}",
-                    _sk_rows_resident_kernel,
-                    _compile_row_args(s, *widest[:2], last),
-                    widest[2],
-                )
-            )
-        for s in [f32, *halves]:
-            cases.append(
-                (
-                    f"rows_chunked/{s.dtype}/last={last}",
-                    _sk_rows_chunked_kernel,
-                    _compile_row_args(s, CHUNKED_BLOCK_N, CHUNKED_BLOCK_P, last),
-                    CHUNKED_WARPS,
-                )
-            )
-    return cases
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2  # the interpreter runs programs one after another: few, long programs
-
-
-def _triton_sinkhorn_knopp(
-    scores: torch.Tensor,
-    n_iters: int,
-    scale: float,
-    eps: float,
-    group: object | None,
-    max_resident_p: int = MAX_RESIDENT_P,
-    chunk_p: int = CHUNKED_BLOCK_P,
-) -> torch.Tensor:
+def sinkhorn_knopp_triton(
+    scores: torch.Tensor, n_iters: int, scale: float, eps: float, group: object | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the passes described in the module docstring; all-reduces between them if `group`.
 
-    `max_resident_p` and `chunk_p` exist for tests (forcing the chunked kernel on small rows).
+    Returns (q, nonfinite): nonfinite is a 0-dim float32, 1 when the scores of any rank
+    hold a NaN or an infinity.
     """
-    if not HAS_TRITON:
-        raise RuntimeError("sinkhorn_knopp: backend='triton' needs the triton package")
     N, P = scores.shape
     device = scores.device
     f32 = torch.float32
     q = torch.empty((N, P), dtype=f32, device=device)
-    if q.numel() == 0:
-        return q
-    scratch = q.view(-1)  # holds partial statistics until the last pass writes q
-    m = torch.empty(P, dtype=f32, device=device)
+    stats = torch.zeros(P + 1, dtype=f32, device=device)  # column max m, then the flag
+    if P == 0 or (N == 0 and group is None):  # P is the same on every rank
+        return q, stats[P]
+    m = stats[:P]
     b = torch.empty(P, dtype=f32, device=device)
     a = torch.zeros(N, dtype=f32, device=device)
     colsum = torch.empty(P, dtype=f32, device=device) if group is not None else b
-    n_sm = _sm_count(device)
+    n_sm = sm_count(device)
     stride_n, stride_p = scores.stride()
+    scratch = q.view(-1)  # holds partial statistics until the last pass writes q
 
     def reduce(pmax, psum, rows, first, finish):
-        grid = (_cdiv(P, REDUCE_BLOCK_P),)
+        grid = (triton.cdiv(P, REDUCE_BLOCK_P),)
         _sk_reduce_kernel[grid](
             pmax, psum, m, b, colsum, rows, P, scale, eps,
             FIRST=first, FINISH=finish, BLOCK_R=REDUCE_BLOCK_R, BLOCK_P=REDUCE_BLOCK_P,
             num_warps=REDUCE_WARPS,
         )  # fmt: skip
 
-    # Pass 1: column max and column sums of exp(s - max).
-    col_blocks = _cdiv(P, COLSTATS_BLOCK_P)
-    row_tiles = _cdiv(N, COLSTATS_BLOCK_N)
-    splits = max(1, min(row_tiles, _cdiv(4 * n_sm, col_blocks)))
-    rows_per_split = _cdiv(row_tiles, splits) * COLSTATS_BLOCK_N
-    splits = _cdiv(N, rows_per_split)
-    if 2 * splits <= N:
-        pmax, psum = scratch[: splits * P], scratch[splits * P : 2 * splits * P]
-    else:
-        pmax = torch.empty(splits * P, dtype=f32, device=device)
-        psum = torch.empty(splits * P, dtype=f32, device=device)
-    _sk_colstats_kernel[(col_blocks, splits)](
-        scores, pmax, psum, N, P, stride_n, stride_p, rows_per_split,
-        BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P, num_warps=COLSTATS_WARPS,
-    )  # fmt: skip
-    if group is None:
-        reduce(pmax, psum, splits, first=True, finish=True)
-    else:
-        reduce(pmax, psum, splits, first=True, finish=False)  # local max, sums rescaled to it
-        local_max = m.clone()
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        colsum.mul_(torch.exp(local_max - m))  # rescale to the global max
-        dist.all_reduce(colsum, op=dist.ReduceOp.SUM, group=group)
-        torch.mul(colsum.add_(eps).log_(), -scale, out=b)
+    with on_device(device):
+        # Pass 1: column max and column sums of exp(s - max), and the non-finite flag.
+        if N:
+            col_blocks = triton.cdiv(P, COLSTATS_BLOCK_P)
+            row_tiles = triton.cdiv(N, COLSTATS_BLOCK_N)
+            splits = max(1, min(row_tiles, triton.cdiv(4 * n_sm, col_blocks)))
+            rows_per_split = triton.cdiv(row_tiles, splits) * COLSTATS_BLOCK_N
+            splits = triton.cdiv(N, rows_per_split)
+            if 2 * splits <= N:
+                pmax, psum = scratch[: splits * P], scratch[splits * P : 2 * splits * P]
+            else:
+                pmax = torch.empty(splits * P, dtype=f32, device=device)
+                psum = torch.empty(splits * P, dtype=f32, device=device)
+            _sk_colstats_kernel[(col_blocks, splits)](
+                scores, pmax, psum, stats[P:], N, P, stride_n, stride_p, rows_per_split,
+                BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P, num_warps=COLSTATS_WARPS,
+            )  # fmt: skip
+            reduce(pmax, psum, splits, first=True, finish=group is None)
+        else:  # no rows here: neutral statistics for the collectives
+            m.fill_(float("-inf"))
+            colsum.zero_()
+        if group is not None:
+            local_max = m.clone()
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+            if N:
+                colsum.mul_(torch.exp(local_max - m))  # rescale to the global max
+            dist.all_reduce(colsum, op=dist.ReduceOp.SUM, group=group)
+            torch.mul(colsum.add_(eps).log_(), -scale, out=b)
 
-    # Passes 2..n_iters+1: row step, then the next column sums or (last) q.
-    if max(16, _next_pow2(P)) <= max_resident_p:
-        block_n, block_p, num_warps = resident_config(P)
-        kernel = _sk_rows_resident_kernel
-        n_prog = min(_cdiv(N, block_n), n_sm * max(1, 16 // num_warps))
-    else:
-        block_n, block_p, num_warps = CHUNKED_BLOCK_N, chunk_p, CHUNKED_WARPS
-        kernel = _sk_rows_chunked_kernel
-        n_prog = _cdiv(N, block_n)
-    part = scratch[: n_prog * P]  # n_prog <= N
-    for it in range(n_iters):
-        last = it == n_iters - 1
-        kernel[(n_prog,)](
-            scores, m, b, a, part, q, N, P, stride_n, stride_p, eps,
-            LAST=last, BLOCK_N=block_n, BLOCK_P=block_p, num_warps=num_warps,
-        )  # fmt: skip
-        if last:
-            break
-        if group is None:
-            reduce(part, part, n_prog, first=False, finish=True)
+        # Passes 2..n_iters+1: row step, then the next column sums or (last) q.
+        if max(16, triton.next_power_of_2(P)) <= MAX_RESIDENT_P:
+            block_n, block_p, num_warps = resident_config(P)
+            kernel = _sk_rows_resident_kernel
+            n_prog = min(triton.cdiv(N, block_n), n_sm * max(1, 16 // num_warps))
         else:
-            reduce(part, part, n_prog, first=False, finish=False)
+            block_n, block_p, num_warps = CHUNKED_BLOCK_N, CHUNKED_BLOCK_P, CHUNKED_WARPS
+            kernel = _sk_rows_chunked_kernel
+            n_prog = triton.cdiv(N, block_n)
+        part = scratch[: n_prog * P]  # n_prog <= N
+        for it in range(n_iters):
+            last = it == n_iters - 1
+            if N:
+                kernel[(n_prog,)](
+                    scores, m, b, a, part, q, N, P, stride_n, stride_p, eps,
+                    LAST=last, BLOCK_N=block_n, BLOCK_P=block_p, num_warps=num_warps,
+                )  # fmt: skip
+            if last:
+                break
+            if group is None:
+                reduce(part, part, n_prog, first=False, finish=True)
+                continue
+            if N:
+                reduce(part, part, n_prog, first=False, finish=False)
+            else:
+                colsum.zero_()
             dist.all_reduce(colsum, op=dist.ReduceOp.SUM, group=group)
             b.sub_(colsum.add_(eps).log_().mul_(scale))
-    return q
+    return q, stats[P]
 
 
 # The local Triton path as a custom op, so that torch.compile traces through it.
 @torch.library.custom_op("stellar_kernels::sinkhorn_knopp", mutates_args=())
 def sinkhorn_knopp_op(scores: torch.Tensor, n_iters: int, scale: float, eps: float) -> torch.Tensor:
-    return _triton_sinkhorn_knopp(scores, n_iters, scale, eps, None)
+    return sinkhorn_knopp_triton(scores, n_iters, scale, eps, None)[0]
 
 
 @sinkhorn_knopp_op.register_fake
@@ -556,37 +452,41 @@ def sinkhorn_knopp(
 
     Args:
         scores: (N, P) logits already divided by the SK temperature; any float dtype.
+            N may differ between ranks, zero included; P may not.
         n_iters: column-then-row normalization rounds (>= 1).
         scale: exponent of the column normalization (> 0; 1.0 is plain SK).
         eps: added to every column and row sum (> 0).
         group: process group for the column all-reduces; None means the default
             group when torch.distributed is initialized.
         local: never communicate (for a call made on some ranks only).
-        backend: None (fastest available: Triton on CUDA, PyTorch on the CPU),
-            "torch" or "triton".
-        validate: scan `scores` for NaN (a host synchronization); False skips it.
+        backend: None (Triton on CUDA tensors, else the PyTorch reference; the reference
+            also where triton is not installed), "torch" or "triton" (a CUDA tensor, or a
+            CPU tensor under TRITON_INTERPRET=1; else ValueError).
+        validate: raise ValueError if the scores hold a NaN or an infinity; across ranks
+            every rank raises, whichever rank's scores hold it (one host read, after the
+            same collectives everywhere). Skipped while torch.compile traces and while a
+            CUDA graph captures, and everywhere with validate=False.
 
     Returns:
-        q (N, P) float32; `scores` is not modified. The result is a target: no gradient
-        flows through it (the Triton custom op has no autograd formula).
+        q (N, P) float32; `scores` is not modified. q is a target: it never requires
+        grad, on any backend.
     """
     check_tensor("scores", scores, (2,))
     n_iters = check_iterations("n_iters", n_iters)
     scale = check_positive("scale", scale)
     eps = check_positive("eps", eps)
-    if validate:
-        check_not_nan("scores", scores)
     impl = resolve_backend(
-        "sinkhorn_knopp",
-        backend,
-        scores.device,
-        ("torch", "triton"),
-        "triton" if HAS_TRITON else "torch",
-        "torch",
+        "sinkhorn_knopp", backend, scores.device, ("torch", "triton"), "triton", "torch"
     )
     pg = distributed_group(group, local)
+    check = checking(validate, scores)
+    scores = scores.detach()
     if impl == "triton":
-        if pg is None:
+        if pg is None and torch.compiler.is_compiling():
             return sinkhorn_knopp_op(scores, n_iters, scale, eps)
-        return _triton_sinkhorn_knopp(scores, n_iters, scale, eps, pg)
-    return sinkhorn_knopp_reference(scores, n_iters, scale, eps, pg)
+        q, nonfinite = sinkhorn_knopp_triton(scores, n_iters, scale, eps, pg)
+    else:
+        q, nonfinite = sinkhorn_knopp_reference(scores, n_iters, scale, eps, pg, check)
+    if check:
+        raise_if_nonfinite_scores(nonfinite, tuple(scores.shape), pg is not None)
+    return q

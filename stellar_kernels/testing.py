@@ -109,43 +109,50 @@ def compile_for_gpu(
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
 
-def compile_cases(module_name: str, arch: int) -> int:
-    """Compiles every case of `module_name.gpu_compile_cases()` for sm_`arch`; returns the count.
+def compile_cases(module_name: str, function: str, arch: int) -> int:
+    """Compiles every case of `module_name.function()` for sm_`arch`; returns the count.
 
-    Each operator module lists, next to its launchers, every kernel with every constexpr
-    configuration they can choose. Run it where TRITON_INTERPRET is unset (see
-    `run_in_fresh_processes`).
+    `function` returns (label, kernel, arguments for `compile_for_gpu`, num_warps) tuples:
+    every kernel with every configuration its launcher can choose. Run it where
+    TRITON_INTERPRET is unset (see `run_in_fresh_processes`).
     """
     import importlib
 
-    cases = importlib.import_module(module_name).gpu_compile_cases()
+    cases = getattr(importlib.import_module(module_name), function)()
     for label, kernel, args, num_warps in cases:
         try:
             compiled = compile_for_gpu(kernel, args, arch=arch, num_warps=num_warps)
         except Exception as err:
-            msg = f"{module_name}: {label} does not compile for sm_{arch}: {err}"
+            msg = f"{function}: {label} does not compile for sm_{arch}: {err}"
             raise AssertionError(msg) from err
         assert f".target sm_{arch}" in compiled.asm["ptx"], label
         shared = compiled.metadata.shared
         assert shared <= SHARED_MEMORY_LIMIT[arch], f"{label}: {shared} bytes of shared memory"
-    print(f"{module_name}: {len(cases)} configurations compiled for sm_{arch}")
+    print(f"{function}: {len(cases)} configurations compiled for sm_{arch}")
     return len(cases)
 
 
 def run_in_fresh_processes(
-    module_name: str, function: str, arg_sets: list[tuple], timeout: float = 600
+    module_name: str,
+    function: str,
+    arg_sets: list[tuple],
+    timeout: float = 600,
+    python_path: tuple[str, ...] = (),
 ) -> list[str]:
     """Calls `module_name.function(*args)` for each args in `arg_sets`, in parallel processes.
 
     GPU compilation must happen where TRITON_INTERPRET is unset: under the interpreter,
-    triton's own @jit helpers are interpreter objects the GPU compiler rejects. Returns
-    each process's standard output; raises AssertionError with the error output of a failure.
+    triton's own @jit helpers are interpreter objects the GPU compiler rejects.
+    `python_path` is prepended to the processes' PYTHONPATH. Returns each process's
+    standard output; raises AssertionError with the error output of a failure.
     """
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if python_path:
+        env["PYTHONPATH"] = os.pathsep.join([*python_path, env.get("PYTHONPATH", "")])
     procs = [
         subprocess.Popen(
             [

@@ -1,5 +1,7 @@
 """The GPU-compile helper: compiles for sm_80/sm_90 without a GPU and catches what the interpreter lets pass."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -50,21 +52,18 @@ def test_missing_argument_is_reported():
         compile_for_gpu(_scale_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": 4})
 
 
-OPERATOR_MODULES = [
-    "stellar_kernels.sinkhorn_match",
-    "stellar_kernels.sinkhorn_knopp",
-    "stellar_kernels.localization",
-]
+OPERATORS = ["sinkhorn_match", "match_tokens", "sinkhorn_knopp", "localization"]
 
 
-@pytest.mark.parametrize("module", OPERATOR_MODULES)
-def test_every_kernel_configuration_compiles_for_sm80_and_sm90(module):
-    """Every kernel with every constexpr configuration its launchers can choose.
-
-    Compiled in fresh processes without TRITON_INTERPRET (see run_in_fresh_processes).
-    """
+@pytest.mark.parametrize("operator", OPERATORS)
+def test_every_kernel_configuration_compiles_for_sm80_and_sm90(operator):
+    """Every kernel with every constexpr configuration its launcher can choose (the tables
+    in gpu_compile_cases.py), compiled in fresh processes without TRITON_INTERPRET (see
+    run_in_fresh_processes)."""
+    tests_dir = str(Path(__file__).parent)
+    arg_sets = [("gpu_compile_cases", f"{operator}_cases", arch) for arch in (80, 90)]
     outputs = run_in_fresh_processes(
-        "stellar_kernels.testing", "compile_cases", [(module, 80), (module, 90)]
+        "stellar_kernels.testing", "compile_cases", arg_sets, python_path=(tests_dir,)
     )
     for arch, out in zip((80, 90), outputs):
         assert f"compiled for sm_{arch}" in out

@@ -38,12 +38,20 @@ def match_to_targets(
         return torch.arange(k, device=pred.device).expand(bv, k)
     pred, target = pred.detach().float(), target.detach().float()
     if matcher == "sinkhorn":
+        # validate=False: the training loop guards the loss against NaN/Inf, and the check
+        # would cost a host synchronization per step.
         return sk.match_tokens(
-            pred, target, eps=eps, n_iters=n_iters, rounding=rounding, backend=backend
+            pred,
+            target,
+            eps=eps,
+            n_iters=n_iters,
+            rounding=rounding,
+            backend=backend,
+            validate=False,
         ).index
     views = bv // target.shape[0]
     cost = torch.cdist(pred, target.repeat_interleave(views, dim=0))
-    return sk.hungarian_match(cost)
+    return sk.hungarian_match(cost, validate=False)
 
 
 def gather_targets(targets: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -114,8 +114,15 @@ class Stellar(nn.Module):
         s = self.proj_sparse(sparse)
         if d.dtype != s.dtype:  # autocast may leave one of them in float32
             d, s = d.float(), s.float()
+        # validate=False: the training loop guards the loss against NaN/Inf, and the check
+        # would cost a host synchronization per forward.
         return sk.factorize(
-            d, s, sparse.to(d.dtype), self.spatial_temperature, backend=self.kernels
+            d,
+            s,
+            sparse.to(d.dtype),
+            self.spatial_temperature,
+            backend=self.kernels,
+            validate=False,
         )
 
     def decode(self, lowrank: torch.Tensor, grid_size: tuple[int, int] | None = None):

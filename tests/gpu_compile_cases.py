@@ -1,0 +1,169 @@
+"""Every Triton kernel with every launch configuration its launcher can choose.
+
+(The modules are imported by name: the package exports functions of the same names.)
+
+Each function returns (label, kernel, arguments for
+`stellar_kernels.testing.compile_for_gpu`, num_warps) tuples; test_compile_for_gpu
+compiles them for sm_80 and sm_90 in fresh processes (the GPU compiler rejects code
+the interpreter accepts). Update a table when a launcher gains a configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+
+def sinkhorn_match_cases() -> list[tuple[str, object, dict, int]]:
+    """Every constexpr configuration with float32 costs; half-precision costs change only
+    the loads, so they are listed with the smallest tile and with the loop kernel."""
+    sm = importlib.import_module("stellar_kernels.sinkhorn_match")
+
+    cases = []
+    runtime = {"scale": 2.5, "n_iters": 5, "permutation": 1}
+    strides = {"stride_b": 4099, "stride_q": 67, "stride_t": 3}
+    out = {"plan_ptr": "*fp32", "index_ptr": "*i64"}
+    for dtype in ("fp32", "fp16", "bf16"):
+        for tile in (16, 32, 64, 128):
+            configs = sm.sinkhorn_candidates(tile)
+            if dtype != "fp32":
+                configs = configs[:1] if tile == 16 else []
+            for per_program, warps in configs:
+                args = {"cost_ptr": f"*{dtype}", **out, "B": 100, "Q": 13, "T": 15, **strides}
+                args.update(runtime, P=per_program, BK=tile)
+                label = f"tile {dtype} BK={tile} P={per_program} warps={warps}"
+                cases.append((label, sm._sinkhorn_tile_kernel, args, warps))
+        args = {"cost_ptr": f"*{dtype}", **out, "u_ptr": "*fp32", "v_ptr": "*fp32"}
+        args.update(best_ptr="*fp32", arg_ptr="*i32", taken_ptr="*i32", Q=130, T=150)
+        args.update(strides, **runtime, BQ=sm.LOOP_BLOCK, BT=sm.LOOP_BLOCK)
+        cases.append((f"loop {dtype}", sm._sinkhorn_loop_kernel, args, sm.LOOP_WARPS))
+    return cases
+
+
+def match_tokens_cases() -> list[tuple[str, object, dict, int]]:
+    """Every tile and num_warps with float32 and float16 tokens; bfloat16 tokens and mixed
+    dtypes (the kernel converts each chunk to float32) with the K = 16 default."""
+    mt = importlib.import_module("stellar_kernels.match_tokens")
+
+    cases = []
+    dtypes = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")]
+    for pred, target in dtypes:
+        for tile in (16, 32, 64, 128):
+            configs = mt.match_tokens_candidates(tile)
+            if pred == "bf16":
+                configs = configs[:1] if tile == 16 else []
+            for warps in configs:
+                args = {"pred_ptr": f"*{pred}", "target_ptr": f"*{target}"}
+                args.update(plan_ptr="*fp32", index_ptr="*i64", V=3, Q=13, T=15, D=770)
+                args.update(stride_pb=12345, stride_pq=771, stride_pd=3)
+                args.update(stride_tb=12347, stride_tt=773, stride_td=5)
+                args.update(scale=2.5, n_iters=5, permutation=1)
+                args.update(BK=tile, BD=mt.match_tokens_block_d(tile))
+                label = f"tokens {pred}/{target} BK={tile} warps={warps}"
+                cases.append((label, mt._match_tokens_kernel, args, warps))
+    return cases
+
+
+def _row_args(s: torch.Tensor, block_n: int, block_p: int, last: bool) -> dict:
+    f32 = torch.empty(1)
+    return dict(
+        s_ptr=s, m_ptr=f32, b_ptr=f32, a_ptr=f32, part_ptr=f32, q_ptr=f32,
+        N=1000, P=1000, stride_n=1000, stride_p=1, eps=1e-8,
+        LAST=last, BLOCK_N=block_n, BLOCK_P=block_p,
+    )  # fmt: skip
+
+
+def sinkhorn_knopp_cases() -> list[tuple[str, object, dict, int]]:
+    """Every kernel for every score dtype (float64 included) and every resident BLOCK_P."""
+    skm = importlib.import_module("stellar_kernels.sinkhorn_knopp")
+
+    cases = []
+    f32 = torch.empty(1)
+    scores = [torch.empty(1, dtype=d) for d in (torch.float32, torch.float64)]
+    scores += [torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.float16)]
+    for s in scores:
+        args = dict(
+            s_ptr=s, pmax_ptr=f32, psum_ptr=f32, flag_ptr=f32, N=1000, P=1000,
+            stride_n=1000, stride_p=1, rows_per_split=64,
+            BLOCK_N=skm.COLSTATS_BLOCK_N, BLOCK_P=skm.COLSTATS_BLOCK_P,
+        )  # fmt: skip
+        cases.append((f"colstats/{s.dtype}", skm._sk_colstats_kernel, args, skm.COLSTATS_WARPS))
+    for first in (False, True):
+        for finish in (False, True):
+            args = dict(
+                pmax_ptr=f32, psum_ptr=f32, m_ptr=f32, b_ptr=f32, colsum_ptr=f32,
+                R=100, P=1000, scale=1.0, eps=1e-8, FIRST=first, FINISH=finish,
+                BLOCK_R=skm.REDUCE_BLOCK_R, BLOCK_P=skm.REDUCE_BLOCK_P,
+            )  # fmt: skip
+            label = f"reduce/first={first}/finish={finish}"
+            cases.append((label, skm._sk_reduce_kernel, args, skm.REDUCE_WARPS))
+    resident = [1 << k for k in range(4, skm.MAX_RESIDENT_P.bit_length())]
+    for last in (False, True):
+        for block_p in resident:
+            block_n, block_p, warps = skm.resident_config(block_p)
+            args = _row_args(f32, block_n, block_p, last)
+            cases.append(
+                (f"resident/P{block_p}/last={last}", skm._sk_rows_resident_kernel, args, warps)
+            )
+        block_n, block_p, warps = skm.resident_config(skm.MAX_RESIDENT_P)
+        for s in scores[1:]:
+            args = _row_args(s, block_n, block_p, last)
+            label = f"resident/{s.dtype}/last={last}"
+            cases.append((label, skm._sk_rows_resident_kernel, args, warps))
+        for s in scores:
+            args = _row_args(s, skm.CHUNKED_BLOCK_N, skm.CHUNKED_BLOCK_P, last)
+            label = f"chunked/{s.dtype}/last={last}"
+            cases.append((label, skm._sk_rows_chunked_kernel, args, skm.CHUNKED_WARPS))
+    return cases
+
+
+def localization_cases() -> list[tuple[str, object, dict, int]]:
+    """Forward and backward for every dtype and BLOCK_K, and the reduce kernel, with ViT-B
+    sizes (196 patches, 768 channels)."""
+    import triton
+
+    loc = importlib.import_module("stellar_kernels.localization")
+
+    n, d = 196, 768
+    rows = dict(b=n * d, n=d, d=1)  # strides of a contiguous (B, N, d) tensor
+    cases = []
+    for dtype, mode in loc._MODES.items():
+        io = torch.empty(1, dtype=dtype)
+        f32 = torch.empty(1, dtype=torch.float32)
+        name = str(dtype).removeprefix("torch.")
+        for block_k in sorted({loc._block_k(k) for k in range(1, loc.MAX_TRITON_K + 1)}):
+            k = block_k - 1
+            toks = dict(b=k * d, k=d, d=1)  # strides of a contiguous (B, K, d) tensor
+            common = dict(
+                N=n, K=k, d=d, D=d, temperature=0.06, MODE=mode, INTERPRET=False,
+                BLOCK_K=block_k,
+                **{f"s_d{a}": v for a, v in rows.items()},
+                **{f"s_s{a}": v for a, v in toks.items()},
+                **{f"s_v{a}": v for a, v in toks.items()},
+            )  # fmt: skip
+            fwd = dict(
+                dense_ptr=io, sparse_ptr=io, values_ptr=io, spatial_ptr=io, lowrank_ptr=io,
+                cos_ptr=f32, rnorm_ptr=f32, snorm_ptr=f32,
+                n_blocks=triton.cdiv(n, loc.FWD_BLOCK_N),
+                BLOCK_N=loc.FWD_BLOCK_N, BLOCK_D=loc.FWD_BLOCK_D, **common,
+            )  # fmt: skip
+            bwd = dict(
+                dense_ptr=io, sparse_ptr=io, values_ptr=io, cos_ptr=f32, rnorm_ptr=f32,
+                snorm_ptr=f32, gspatial_ptr=io, glowrank_ptr=io, ddense_ptr=io,
+                dsparse_part_ptr=f32, dvalues_part_ptr=f32, h_part_ptr=f32,
+                split=2, blocks_per_program=2, s_gsb=n * k, s_gsn=k, s_gsk=1,
+                **{f"s_gl{a}": v for a, v in rows.items()},
+                has_gspatial=1, BLOCK_N=loc.BWD_BLOCK_N, BLOCK_D=loc.BWD_BLOCK_D, **common,
+            )  # fmt: skip
+            warps = loc._fwd_num_warps(block_k)
+            cases.append((f"fwd_{name}_BLOCK_K{block_k}", loc._factorize_fwd_kernel, fwd, warps))
+            label = f"bwd_{name}_BLOCK_K{block_k}"
+            cases.append((label, loc._factorize_bwd_kernel, bwd, loc.BWD_NUM_WARPS))
+        reduce = dict(
+            sparse_ptr=io, snorm_ptr=f32, dsparse_part_ptr=f32, dvalues_part_ptr=f32,
+            h_part_ptr=f32, dsparse_ptr=io, dvalues_ptr=io, K=16, d=d, D=d, split=2,
+            s_sb=16 * d, s_sk=d, s_sd=1, INTERPRET=False, BLOCK_F=loc.REDUCE_BLOCK_F,
+        )  # fmt: skip
+        cases.append((f"reduce_{name}", loc._factorize_bwd_reduce_kernel, reduce, 4))
+    return cases

@@ -1,0 +1,572 @@
+"""The operators' contract (docs/operators.md), the same on every backend.
+
+Non-finite input, checks that cost nothing (torch.compile, no host synchronization in the
+training step), gradients, backend choice, device guards and accurate costs for tokens
+that share a large common component. The Triton paths run in the interpreter on the CPU
+(tests/conftest.py); the gpu-marked tests repeat what needs a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import logsumexp
+
+import stellar_kernels as sk
+
+triton = pytest.importorskip("triton")
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+BACKENDS = ["torch", "triton"]
+INF = float("inf")
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def plan_float64_forbidden(cost: np.ndarray, eps: float, n_iters: int) -> np.ndarray:
+    """Float64 log-domain Sinkhorn where +inf entries carry no mass.
+
+    A column that is +inf in every row can take no mass at all: it is dropped and its plan
+    column is zero (its dual would be +inf, which float arithmetic cannot carry).
+    """
+    out = np.zeros(cost.shape, dtype=np.float64)
+    for b, c in enumerate(cost.astype(np.float64)):
+        keep = ~np.all(np.isinf(c), axis=0)
+        sub = c[:, keep]
+        u, v = np.zeros(sub.shape[0]), np.zeros(sub.shape[1])
+        for _ in range(n_iters):
+            u = -eps * logsumexp((v[None, :] - sub) / eps, axis=1)
+            v = -eps * logsumexp((u[:, None] - sub) / eps, axis=0)
+        out[b][:, keep] = np.exp((u[:, None] + v[None, :] - sub) / eps)
+    return out
+
+
+def random_forbidden(b: int, q: int, t: int, p: float) -> torch.Tensor:
+    """A (B, Q, T) cost in [0, 2) with each entry +inf with probability p, every row keeping
+    at least one allowed column."""
+    cost = torch.rand(b, q, t) * 2
+    forbid = torch.rand(b, q, t) < p
+    keep = torch.randint(t, (b, q))
+    forbid.scatter_(2, keep[..., None], False)
+    return cost.masked_fill(forbid, INF)
+
+
+def assert_rounding_respects_forbidden(index: torch.Tensor, cost: torch.Tensor, rounding: str):
+    """Indices in [0, T); a forbidden pair only for a row none of whose allowed columns is left."""
+    index, cost = index.cpu(), cost.cpu()
+    t = cost.shape[-1]
+    assert index.dtype == torch.int64
+    assert bool(((index >= 0) & (index < t)).all()), f"index out of [0, {t}): {index.tolist()}"
+    allowed = torch.isfinite(cost)
+    for b in range(cost.shape[0]):
+        taken = index[b].tolist()
+        if rounding == "permutation":
+            assert len(set(taken)) == len(taken), f"problem {b}: {taken} is not one-to-one"
+        for row, col in enumerate(taken):
+            if allowed[b, row, col]:
+                continue
+            free = [c for c in range(t) if allowed[b, row, c]]
+            if rounding == "argmax":
+                assert not free, f"problem {b} row {row}: forbidden {col} though {free} allowed"
+            others = set(taken[:row] + taken[row + 1 :])
+            assert set(free) <= others, f"problem {b} row {row}: forbidden {col}, {free} left"
+
+
+def match(cost, backend, **kwargs):
+    return sk.sinkhorn_match(cost.to(DEVICE), backend=backend, **kwargs)
+
+
+# ----------------------------------------------------------------------------- 1. non-finite
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forbidden_column_carries_no_mass(rng_seed, backend):
+    """The issue's case: Q=4, T=6, one column +inf in every row."""
+    cost = torch.rand(3, 4, 6) * 2
+    cost[:, :, 2] = INF
+    index, plan = match(cost, backend, rounding="argmax")
+    assert torch.isfinite(plan).all()
+    expected = plan_float64_forbidden(cost.numpy(), 0.1, 5)
+    np.testing.assert_allclose(plan.cpu().numpy(), expected, rtol=2e-4, atol=1e-6)
+    assert (plan[:, :, 2] == 0).all()
+    assert_rounding_respects_forbidden(index, cost, "argmax")
+    index, _ = match(cost, backend)
+    assert_rounding_respects_forbidden(index, cost, "permutation")
+
+
+@pytest.mark.parametrize(
+    "backend,b,q,t,rounding",
+    [
+        ("torch", 6, 5, 7, "permutation"),
+        ("triton", 6, 5, 7, "permutation"),
+        ("triton", 4, 16, 16, "argmax"),
+        ("torch", 4, 13, 32, "argmax"),
+        ("triton", 2, 9, 140, "permutation"),  # the loop path (T > 128)
+        ("triton", 1, 70, 131, "argmax"),
+    ],
+)
+def test_scattered_forbidden_pairs(rng_seed, backend, b, q, t, rounding):
+    cost = random_forbidden(b, q, t, 0.4)
+    index, plan = match(cost, backend, rounding=rounding)
+    assert torch.isfinite(plan).all()
+    assert (plan.cpu()[torch.isinf(cost)] == 0).all()
+    expected = plan_float64_forbidden(cost.numpy(), 0.1, 5)
+    np.testing.assert_allclose(plan.cpu().numpy(), expected, rtol=2e-4, atol=1e-6)
+    assert_rounding_respects_forbidden(index, cost, rounding)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forbidden_pair_only_when_no_allowed_column_is_left(backend):
+    # Rows 0 and 1 may only take column 0; row 2 may take columns 1 and 2. One of rows 0, 1
+    # must end on a forbidden pair, and only once column 0 is gone.
+    cost = torch.full((1, 3, 3), INF)
+    cost[0, 0, 0], cost[0, 1, 0] = 0.2, 0.1
+    cost[0, 2, 1:] = torch.tensor([0.3, 0.4])
+    index, plan = match(cost, backend)
+    assert_rounding_respects_forbidden(index, cost, "permutation")
+    assert sorted(index[0].tolist()) == [0, 1, 2]
+    assert index[0, 2].item() in (1, 2) and 0 in index[0, :2].tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "value,where,message",
+    [
+        (float("nan"), (0, 1, 2), "cost contains NaN"),
+        (-INF, (1, 0, 3), "cost contains -inf"),
+        (INF, (1, 2, slice(None)), "cost has a row with no allowed column"),
+    ],
+    ids=["nan", "-inf", "row of +inf"],
+)
+def test_non_finite_cost_raises_and_unchecked_indices_stay_in_range(
+    rng_seed, backend, value, where, message
+):
+    cost = torch.rand(2, 3, 5)
+    cost[where] = value
+    with pytest.raises(ValueError, match=message):
+        match(cost, backend)
+    for rounding in ("permutation", "argmax"):
+        index, _ = match(cost, backend, rounding=rounding, validate=False)
+        assert bool(((index >= 0) & (index < 5)).all()), index.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_finite_tokens_raise_naming_the_argument(rng_seed, backend):
+    pred, target = torch.randn(4, 5, 8), torch.randn(2, 6, 8)
+    for name, value in (("pred", float("nan")), ("target", INF), ("pred", -INF)):
+        p, t = pred.clone(), target.clone()
+        (p if name == "pred" else t)[1, 2, 3] = value
+        with pytest.raises(ValueError, match=f"{name} contains"):
+            sk.match_tokens(p.to(DEVICE), t.to(DEVICE), backend=backend)
+        index, _ = sk.match_tokens(p.to(DEVICE), t.to(DEVICE), backend=backend, validate=False)
+        assert bool(((index >= 0) & (index < 6)).all()), index.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("nan"), INF, -INF], ids=["nan", "+inf", "-inf"])
+def test_non_finite_scores_raise(rng_seed, backend, value):
+    scores = torch.randn(9, 20)
+    scores[4, 7] = value
+    with pytest.raises(ValueError, match="scores contains"):
+        sk.sinkhorn_knopp(scores.to(DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_factorize_and_localization_reject_nan(rng_seed, backend):
+    dense, sparse, values = torch.randn(2, 7, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 5)
+    for name in ("dense", "sparse", "values"):
+        args = {"dense": dense.clone(), "sparse": sparse.clone(), "values": values.clone()}
+        args[name][1, 2, 3] = float("nan")
+        args = {k: v.to(DEVICE) for k, v in args.items()}
+        with pytest.raises(ValueError, match=f"{name} contains NaN"):
+            sk.factorize(**args, backend=backend)
+        spatial, _ = sk.factorize(**args, backend=backend, validate=False)
+        assert spatial.shape == (2, 7, 3)
+        if name != "values":
+            with pytest.raises(ValueError, match=f"{name} contains NaN"):
+                sk.localization(args["dense"], args["sparse"], backend=backend)
+            sk.localization(args["dense"], args["sparse"], backend=backend, validate=False)
+
+
+# ----------------------------------------------------------------------------- 2. checks that cost nothing
+
+
+def _operator_calls(backend: str | None):
+    """Each operator called with its default arguments (only `backend` set)."""
+    kw = {} if backend is None else {"backend": backend}
+    return {
+        "sinkhorn_match": (
+            lambda c: sk.sinkhorn_match(c, **kw).plan,
+            (torch.rand(3, 4, 6),),
+        ),
+        "match_tokens": (
+            lambda p, t: sk.match_tokens(p, t, **kw).plan,
+            (torch.randn(4, 5, 8), torch.randn(2, 5, 8)),
+        ),
+        "sinkhorn_knopp": (lambda s: sk.sinkhorn_knopp(s, **kw), (torch.randn(6, 10),)),
+        "factorize": (
+            lambda d, s, v: sk.factorize(d, s, v, **kw)[1],
+            (torch.randn(2, 7, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 5)),
+        ),
+        "localization": (
+            lambda d, s: sk.localization(d, s, **kw),
+            (torch.randn(2, 7, 8), torch.randn(2, 3, 8)),
+        ),
+    }
+
+
+@pytest.mark.parametrize("backend", [None, "triton"], ids=["default", "triton"])
+@pytest.mark.parametrize(
+    "op", ["sinkhorn_match", "match_tokens", "sinkhorn_knopp", "factorize", "localization"]
+)
+def test_default_arguments_trace_with_fullgraph(rng_seed, backend, op):
+    fn, args = _operator_calls(backend)[op]
+    args = [a.to(DEVICE) for a in args]
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="eager")(*args)
+    torch.testing.assert_close(got, fn(*args))
+
+
+def test_hungarian_default_arguments_trace_with_fullgraph(rng_seed):
+    cost = torch.rand(3, 4, 6)
+    torch._dynamo.reset()
+    got = torch.compile(sk.hungarian_match, fullgraph=True, backend="eager")(cost)
+    assert torch.equal(got, sk.hungarian_match(cost))
+
+
+def test_training_step_runs_no_input_checks(monkeypatch, tmp_path):
+    """The training loop turns the operators' data checks off (its own NaN/Inf guard on the
+    loss remains), so a step makes no host synchronization for them."""
+    from stellar.testing import MINI_OVERRIDES
+    from stellar.train import train as train_module
+
+    seen = []
+    for name in ("sinkhorn_match", "match_tokens", "sinkhorn_knopp", "factorize"):
+        original = getattr(sk, name)
+
+        def spy(*args, _original=original, _name=name, **kwargs):
+            seen.append((_name, kwargs.get("validate", True)))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(sk, name, spy)
+    monkeypatch.setattr(
+        sk, "hungarian_match", lambda *a, **k: pytest.fail("the default matcher is Sinkhorn")
+    )
+    argv = ["--preset", "tiny", "--output-dir", str(tmp_path / "run"), "--max-steps", "2"]
+    assert train_module.main(argv + MINI_OVERRIDES) == 0
+    called = {name for name, _ in seen}
+    assert {"match_tokens", "sinkhorn_knopp", "factorize"} <= called, called
+    assert all(validate is False for _, validate in seen), seen
+
+
+# ----------------------------------------------------------------------------- 3. gradients
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_targets_never_require_grad(rng_seed, backend):
+    cost = torch.rand(2, 4, 5, device=DEVICE, requires_grad=True)
+    res = sk.sinkhorn_match(cost, backend=backend)
+    assert not res.plan.requires_grad and not res.index.requires_grad
+    pred = torch.randn(4, 5, 8, device=DEVICE, requires_grad=True)
+    target = torch.randn(2, 5, 8, device=DEVICE, requires_grad=True)
+    assert not sk.match_tokens(pred, target, backend=backend).plan.requires_grad
+    scores = torch.randn(6, 10, device=DEVICE, requires_grad=True)
+    q = sk.sinkhorn_knopp(scores, backend=backend)
+    assert not q.requires_grad
+    # A target used in a loss: the gradient reaches the logits only through the loss itself.
+    loss = -(q * torch.log_softmax(scores, dim=1)).sum()
+    loss.backward()
+    assert torch.isfinite(scores.grad).all()
+
+
+@pytest.mark.parametrize("with_values", [True, False])
+def test_second_derivative_through_triton_matches_torch(rng_seed, with_values):
+    shapes = ((2, 7, 8), (2, 3, 8), (2, 3, 5))
+    base = [torch.randn(*s, device=DEVICE) for s in shapes]
+    weights = [torch.randn(2, 7, 3, device=DEVICE), torch.randn(2, 7, 5, device=DEVICE)]
+
+    def second_derivative(backend):
+        leaves = [x.clone().requires_grad_() for x in base]
+        if with_values:
+            spatial, lowrank = sk.factorize(*leaves, 0.5, backend=backend)
+            loss = (spatial * weights[0]).sum() + (lowrank * weights[1]).square().sum()
+        else:
+            leaves = leaves[:2]
+            loss = (sk.localization(*leaves, 0.5, backend=backend) * weights[0]).square().sum()
+        grads = torch.autograd.grad(loss, leaves, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+
+    for got, want in zip(second_derivative("triton"), second_derivative("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_second_derivative_through_torch_is_correct(rng_seed):
+    args = [
+        torch.randn(*s, dtype=torch.float64, requires_grad=True)
+        for s in ((2, 5, 6), (2, 3, 6), (2, 3, 4))
+    ]
+    assert torch.autograd.gradgradcheck(
+        lambda a, b, c: sk.factorize(a, b, c, 0.5, backend="torch"), args
+    )
+
+
+# ----------------------------------------------------------------------------- 4. devices
+
+
+KERNEL_MODULES = [
+    "stellar_kernels.sinkhorn_match",
+    "stellar_kernels.match_tokens",
+    "stellar_kernels.sinkhorn_knopp",
+    "stellar_kernels.localization",
+]
+
+
+def test_every_triton_launch_is_guarded_by_the_input_device(rng_seed, monkeypatch):
+    """Each kernel launch happens inside `on_device(<the input's device>)`, which makes that
+    device (and so its current stream) the one Triton launches on."""
+    guard = importlib.import_module("stellar_kernels._triton")
+    active: list[torch.device] = []
+
+    @contextmanager
+    def recording_on_device(device):
+        active.append(torch.device(device))
+        try:
+            yield
+        finally:
+            active.pop()
+
+    launched = []
+
+    class Checked:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            assert active and active[-1] == DEVICE, f"{self.name} launched outside a guard"
+            launched.append(self.name)
+            return self.kernel[grid]
+
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(module_name)
+        monkeypatch.setattr(module, "on_device", recording_on_device)
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, Checked(name, getattr(module, name)))
+
+    sk.sinkhorn_match(torch.rand(2, 4, 6, device=DEVICE), backend="triton")
+    sk.sinkhorn_match(torch.rand(1, 3, 130, device=DEVICE), backend="triton")
+    sk.match_tokens(
+        torch.randn(4, 5, 8, device=DEVICE), torch.randn(2, 5, 8, device=DEVICE), backend="triton"
+    )
+    sk.sinkhorn_knopp(torch.randn(6, 10, device=DEVICE), backend="triton")
+    inputs = [
+        torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((2, 7, 8), (2, 3, 8), (2, 3, 5))
+    ]
+    spatial, lowrank = sk.factorize(*inputs, backend="triton")
+    (lowrank.sum() + spatial.square().sum()).backward()
+    assert {
+        "_sinkhorn_tile_kernel",
+        "_sinkhorn_loop_kernel",
+        "_match_tokens_kernel",
+        "_sk_colstats_kernel",
+        "_sk_rows_resident_kernel",
+        "_factorize_fwd_kernel",
+        "_factorize_bwd_kernel",
+    } <= set(launched)
+
+
+def test_autotune_key_holds_batch_dtype_and_device():
+    guard = importlib.import_module("stellar_kernels._triton")
+    key = guard.tune_key
+    base = key("sinkhorn_match", torch.device("cuda", 0), torch.float32, 512, 16, 16)
+    assert base == key("sinkhorn_match", torch.device("cuda", 0), torch.float32, 509, 16, 16)
+    for other in (
+        key("sinkhorn_match", torch.device("cuda", 0), torch.float32, 8, 16, 16),
+        key("sinkhorn_match", torch.device("cuda", 1), torch.float32, 512, 16, 16),
+        key("sinkhorn_match", torch.device("cuda", 0), torch.bfloat16, 512, 16, 16),
+        key("sinkhorn_match", torch.device("cuda", 0), torch.float32, 512, 16, 32),
+        key("match_tokens", torch.device("cuda", 0), torch.float32, 512, 16, 16),
+    ):
+        assert other != base
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_gpu_input_on_a_non_current_device(rng_seed):
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    stream = torch.cuda.Stream(dev)
+    with torch.cuda.stream(stream):
+        cost = torch.rand(64, 16, 16, device=dev)
+        pred, target = torch.randn(64, 16, 96, device=dev), torch.randn(8, 16, 96, device=dev)
+        scores = torch.randn(256, 1024, device=dev)
+        inputs = [
+            torch.randn(*s, device=dev, requires_grad=True)
+            for s in ((4, 49, 64), (4, 16, 64), (4, 16, 64))
+        ]
+        got = [
+            sk.sinkhorn_match(cost).plan,
+            sk.match_tokens(pred, target).plan,
+            sk.sinkhorn_knopp(scores),
+            *sk.factorize(*inputs),
+        ]
+        torch.autograd.grad(got[-1].sum(), inputs)
+        want = [
+            sk.sinkhorn_match(cost, backend="torch").plan,
+            sk.match_tokens(pred, target, backend="torch").plan,
+            sk.sinkhorn_knopp(scores, backend="torch"),
+            *sk.factorize(*inputs, backend="torch"),
+        ]
+    stream.synchronize()
+    assert torch.cuda.current_device() == 0
+    for g, w in zip(got, want):
+        assert g.device == dev
+        torch.testing.assert_close(g, w, rtol=2e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_tuning_leaves_other_threads_alone(rng_seed):
+    """The tuner captures CUDA graphs in thread-local mode: another thread's CUDA work
+    (allocations, synchronizations) during the capture neither fails nor breaks it."""
+    import threading
+
+    guard = importlib.import_module("stellar_kernels._triton")
+    guard.TUNED.clear()
+    stop = threading.Event()
+    errors = []
+
+    def busy():
+        try:
+            while not stop.is_set():
+                x = torch.randn(1 << 16, device="cuda")
+                torch.cuda.synchronize()
+                del x
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        for b in (4, 64, 512):
+            cost = torch.rand(b, 16, 16, device="cuda")
+            got = sk.sinkhorn_match(cost)
+            torch.testing.assert_close(got.plan, sk.sinkhorn_match(cost, backend="torch").plan)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors
+
+
+# ----------------------------------------------------------------------------- 6. backend choice
+
+
+def test_unknown_environment_backend_raises(monkeypatch):
+    monkeypatch.setenv("STELLAR_KERNELS_BACKEND", "tritn")
+    for call in (
+        lambda: sk.sinkhorn_knopp(torch.randn(3, 4)),
+        lambda: sk.sinkhorn_match(torch.rand(2, 3, 4)),
+        lambda: sk.hungarian_match(torch.rand(2, 3, 4)),
+    ):
+        with pytest.raises(ValueError, match=r"STELLAR_KERNELS_BACKEND.*'tritn'.*'torch'.*'triton'"):
+            call()
+
+
+@pytest.mark.parametrize(
+    "shapes,dtypes,reason",
+    [
+        (((1, 5, 8), (1, 3, 8), (1, 3, 4)), (torch.float64,) * 3, "float64"),
+        (((1, 5, 8), (1, 3, 8), (1, 3, 4)), (torch.float32,) * 2 + (torch.bfloat16,), "dtype"),
+        (((1, 5, 8), (1, 65, 8), (1, 65, 4)), (torch.float32,) * 3, "K <= 64"),
+    ],
+    ids=["float64", "mixed", "K>64"],
+)
+def test_explicit_triton_that_cannot_serve_raises(shapes, dtypes, reason):
+    dense, sparse, values = (torch.randn(s, dtype=d) for s, d in zip(shapes, dtypes))
+    with pytest.raises(ValueError, match=f"backend='triton'.*{reason}"):
+        sk.factorize(dense, sparse, values, backend="triton")
+    # backend=None chooses what can serve it.
+    spatial, _ = sk.factorize(dense, sparse, values)
+    assert spatial.shape == (1, 5, sparse.shape[1])
+
+
+def test_hungarian_backends_are_named():
+    with pytest.raises(ValueError, match=r"'cpp', 'cuda', 'scipy'.*reference.*'scipy'"):
+        sk.hungarian_match(torch.rand(2, 3, 4), backend="torch")
+
+
+# ----------------------------------------------------------------------------- 7. accurate costs
+
+
+def near_duplicate_tokens(images: int, views: int, k: int, d: int):
+    """Tokens that share a large common component (as real ViT tokens share their mean)."""
+    common = 3 * torch.randn(d)
+    target = common + 0.01 * torch.randn(images, k, d)
+    perm = torch.stack([torch.randperm(k) for _ in range(images * views)])
+    pred = target.repeat_interleave(views, 0).gather(1, perm[..., None].expand(-1, -1, d))
+    return pred + 1e-3 * torch.randn(pred.shape), target
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_near_duplicate_tokens_keep_float32_accuracy(rng_seed, backend):
+    pred, target = near_duplicate_tokens(2, 2, 16, 768)
+    cost = torch.cdist(pred.double(), target.double().repeat_interleave(2, 0))
+    expected = plan_float64_forbidden(cost.numpy(), 0.1, 5)
+    _, plan = sk.match_tokens(pred.to(DEVICE), target.to(DEVICE), backend=backend)
+    err = np.abs(plan.cpu().numpy() - expected).max()
+    assert err <= 1e-3, f"plan {err:.2e} away from float64"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_near_duplicate_tokens_full_size(rng_seed, dtype):
+    pred, target = near_duplicate_tokens(64, 8, 16, 768)
+    pred, target = pred.to(dtype), target.to(dtype)
+    cost = torch.cdist(pred.double(), target.double().repeat_interleave(8, 0))
+    expected = plan_float64_forbidden(cost.numpy(), 0.1, 5)
+    _, plan = sk.match_tokens(pred.cuda(), target.cuda())
+    err = np.abs(plan.cpu().numpy() - expected).max()
+    assert err <= 1e-3, f"plan {err:.2e} away from float64"
+
+
+@pytest.mark.gpu
+def test_gpu_forbidden_pairs_full_size(rng_seed):
+    cost = random_forbidden(512, 16, 16, 0.3)
+    for rounding in ("permutation", "argmax"):
+        index, plan = sk.sinkhorn_match(cost.cuda(), rounding=rounding)
+        assert torch.isfinite(plan).all()
+        expected = plan_float64_forbidden(cost.numpy(), 0.1, 5)
+        np.testing.assert_allclose(plan.cpu().numpy(), expected, rtol=1e-3, atol=1e-6)
+        assert_rounding_respects_forbidden(index, cost, rounding)
+    bad = cost.clone()
+    bad[100, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="cost contains NaN"):
+        sk.sinkhorn_match(bad.cuda())
+
+
+# ----------------------------------------------------------------------------- 8. self-contained docs
+
+
+def test_nothing_cites_files_outside_the_repository():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(
+            ["git", "grep", "-n", "-I", "-E", r"DESIGN(\.md)?[ ]*(§|section)|shared/DESIGN"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except FileNotFoundError:
+        pytest.skip("git is not installed")
+    if out.returncode not in (0, 1):
+        pytest.skip(f"not a git checkout: {out.stderr.strip()}")
+    hits = [line for line in out.stdout.splitlines() if not line.startswith("tests/test_contract.py")]
+    assert not hits, "\n".join(hits)
