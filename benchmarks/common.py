@@ -2,7 +2,7 @@
 
 Every speed figure is a ratio of two medians measured in the same process: ours
 against a baseline, or ours against the memory floor at the copy bandwidth
-measured in the same run (DESIGN.md section 6).
+measured in the same run (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import statistics
 from collections.abc import Callable
 
 import torch
+
+from stellar_kernels._triton import HAS_TRITON
 
 # The benchmark modules time with these two (they live with the package, which times too).
 from stellar_kernels.testing import median_ms, sync  # noqa: F401
@@ -56,6 +58,28 @@ def reported(name: str, ours_ms: float | None = None, **values) -> dict:
         out["ours_ms"] = round(ours_ms, 6)
     out.update(values)
     return out
+
+
+def default_backend(device: torch.device) -> str:
+    """What sinkhorn_match, match_tokens and sinkhorn_knopp run with backend=None on `device`."""
+    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
+
+
+def paper_sinkhorn_match(cost: torch.Tensor, eps: float, n_iters: int) -> torch.Tensor:
+    """The baseline matching: the paper's algorithm as eager PyTorch code writes it.
+
+    n_iters log-domain updates of the duals (two logsumexp each), the plan, then its
+    row-wise argmax. Nothing is masked or checked, so the baseline does no more work than
+    the algorithm needs (the library's reference also handles forbidden pairs).
+    """
+    c = cost.float()
+    u = c.new_zeros(c.shape[:-1])
+    v = c.new_zeros(c.shape[:-2] + c.shape[-1:])
+    for _ in range(n_iters):
+        u = -eps * torch.logsumexp((v.unsqueeze(-2) - c) / eps, dim=-1)
+        v = -eps * torch.logsumexp((u.unsqueeze(-1) - c) / eps, dim=-2)
+    plan = torch.exp((u.unsqueeze(-1) + v.unsqueeze(-2) - c) / eps)
+    return plan.argmax(dim=-1)
 
 
 def bench_device() -> torch.device:

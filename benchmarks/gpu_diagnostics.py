@@ -24,8 +24,10 @@ if __package__ in (None, ""):
 
 import stellar_kernels as sk  # noqa: E402
 from benchmarks.common import copy_bandwidth_gbs, graph_ms, median_ms  # noqa: E402
+from stellar_kernels import _triton  # noqa: E402
 
-smod = importlib.import_module("stellar_kernels.sinkhorn_match")
+# The module (the package attribute of that name is the function).
+tokens_module = importlib.import_module("stellar_kernels.match_tokens")
 
 ROWS: list[dict] = []
 
@@ -143,14 +145,14 @@ def main() -> int:
     for warps in (1, 2, 4, 8):
         fn = partial(sk.match_tokens, pred, target, validate=False)
         # The autotuner restricted to one candidate, with a fresh cache.
-        original = smod.match_tokens_candidates
-        smod.match_tokens_candidates = lambda tile, w=warps: [w]
-        smod._TUNED.clear()
+        original = tokens_module.match_tokens_candidates
+        tokens_module.match_tokens_candidates = lambda tile, w=warps: [w]
+        _triton.TUNED.clear()
         try:
             record("match_tokens", f"B512 K16 D768 fp32 num_warps={warps}", fn)
         finally:
-            smod.match_tokens_candidates = original
-            smod._TUNED.clear()
+            tokens_module.match_tokens_candidates = original
+            _triton.TUNED.clear()
     record(
         "match_tokens",
         "torch reference B512 K16 D768",

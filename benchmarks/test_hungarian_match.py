@@ -13,7 +13,7 @@ import torch
 
 import stellar_kernels as sk
 from benchmarks.common import median_ms, reported, vs_baseline
-from stellar_kernels.hungarian import hungarian_scipy
+from stellar_kernels.reference import hungarian_scipy
 
 CASES = [(512, 16), (64, 196)]
 # The paper's timing table (appendix B.5, A100): exact Hungarian matching of the

@@ -21,9 +21,16 @@ import torch
 import torch.nn.functional as F
 
 import stellar_kernels as sk
-from benchmarks.common import copy_bandwidth_gbs, median_ms, reported, vs_baseline, vs_floor
-from stellar_kernels.hungarian import hungarian_scipy
-from stellar_kernels.sinkhorn_match import HAS_TRITON, sinkhorn_match_reference
+from benchmarks.common import (
+    copy_bandwidth_gbs,
+    median_ms,
+    paper_sinkhorn_match,
+    reported,
+    vs_baseline,
+    vs_floor,
+)
+from benchmarks.common import default_backend as ours_backend
+from stellar_kernels.reference import hungarian_scipy, sinkhorn_match_reference
 
 EPS, N_ITERS = 0.1, 5
 IMAGES, VIEWS, K, D = 64, 8, 16, 768
@@ -33,7 +40,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 def torch_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     views = pred.shape[0] // target.shape[0]
     cost = torch.cdist(pred, target.repeat_interleave(views, 0))
-    return sinkhorn_match_reference(cost, EPS, N_ITERS, "argmax").index
+    return paper_sinkhorn_match(cost, EPS, N_ITERS)
 
 
 def scipy_loop(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -43,10 +50,6 @@ def scipy_loop(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def ours(pred: torch.Tensor, target: torch.Tensor, rounding: str = "permutation") -> torch.Tensor:
     return sk.match_tokens(pred, target, EPS, N_ITERS, rounding, validate=False).index
-
-
-def ours_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
 
 
 def _tokens(images: int, views: int, k: int, d: int, device, dtype=torch.float32):

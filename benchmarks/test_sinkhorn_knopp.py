@@ -17,24 +17,19 @@ import torch
 
 import stellar_kernels as sk
 from benchmarks.common import copy_bandwidth_gbs, median_ms, vs_baseline, vs_floor
-from stellar_kernels.sinkhorn_knopp import sinkhorn_knopp_reference
+from benchmarks.common import default_backend as ours_backend
+from stellar_kernels.reference import sinkhorn_knopp_reference
 
 N_ITERS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def torch_reference(scores: torch.Tensor) -> torch.Tensor:
-    return sinkhorn_knopp_reference(scores, N_ITERS, 1.0, 1e-8, None)
+    return sinkhorn_knopp_reference(scores, N_ITERS, 1.0, 1e-8, None)[0]
 
 
 def ours(scores: torch.Tensor) -> torch.Tensor:
     return sk.sinkhorn_knopp(scores, n_iters=N_ITERS, validate=False)
-
-
-def ours_backend(device: torch.device) -> str:
-    from stellar_kernels.sinkhorn_knopp import HAS_TRITON
-
-    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
 
 
 def _scores(n: int, p: int, dtype: torch.dtype, device) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Baseline `torch_reference`: the paper's algorithm in eager PyTorch on the cost,
 5 log-domain iterations (two logsumexp each) and a row-wise argmax, as
-`sinkhorn_match_reference(cost, 0.1, 5, "argmax")` implements it. "Ours" is the
+`benchmarks.common.paper_sinkhorn_match` implements it. "Ours" is the
 public call with its defaults (one-to-one "permutation" rounding, which does
 more work than the baseline's argmax) and validate=False (no NaN scan, the
 baseline has none). On a machine without a GPU "ours" is the default CPU
@@ -17,23 +17,20 @@ import pytest
 import torch
 
 import stellar_kernels as sk
-from benchmarks.common import median_ms, vs_baseline
-from stellar_kernels.sinkhorn_match import HAS_TRITON, sinkhorn_match_reference
+from benchmarks.common import default_backend as ours_backend
+from benchmarks.common import median_ms, paper_sinkhorn_match, vs_baseline
+from stellar_kernels.reference import sinkhorn_match_reference
 
 EPS, N_ITERS = 0.1, 5
 
 
 def torch_reference(cost: torch.Tensor) -> torch.Tensor:
     """The paper's matching: log-domain Sinkhorn iterations, then the row-wise argmax."""
-    return sinkhorn_match_reference(cost, EPS, N_ITERS, "argmax").index
+    return paper_sinkhorn_match(cost, EPS, N_ITERS)
 
 
 def ours(cost: torch.Tensor, rounding: str = "permutation") -> torch.Tensor:
     return sk.sinkhorn_match(cost, EPS, N_ITERS, rounding, validate=False).index
-
-
-def ours_backend(device: torch.device) -> str:
-    return "triton" if device.type == "cuda" and HAS_TRITON else "torch"
 
 
 def _cost(batch: int, k: int, device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -53,7 +53,7 @@ def round_plan(
     already one-to-one, every row's maximum survives the strikes, so both roundings agree.
     `allowed` (B, Q, T) marks the pairs that are not forbidden (default: all).
     """
-    work = rounding_scores(plan, allowed)
+    work = rounding_scores(plan, allowed).contiguous()  # a fresh buffer, struck in place
     if rounding == "argmax":
         return work.argmax(dim=-1)
     b, q, t = work.shape

@@ -332,7 +332,6 @@ KERNEL_MODULES = [
 def test_every_triton_launch_is_guarded_by_the_input_device(rng_seed, monkeypatch):
     """Each kernel launch happens inside `on_device(<the input's device>)`, which makes that
     device (and so its current stream) the one Triton launches on."""
-    guard = importlib.import_module("stellar_kernels._triton")
     active: list[torch.device] = []
 
     @contextmanager
@@ -368,7 +367,8 @@ def test_every_triton_launch_is_guarded_by_the_input_device(rng_seed, monkeypatc
     )
     sk.sinkhorn_knopp(torch.randn(6, 10, device=DEVICE), backend="triton")
     inputs = [
-        torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((2, 7, 8), (2, 3, 8), (2, 3, 5))
+        torch.randn(*s, device=DEVICE, requires_grad=True)
+        for s in ((2, 7, 8), (2, 3, 8), (2, 3, 5))
     ]
     spatial, lowrank = sk.factorize(*inputs, backend="triton")
     (lowrank.sum() + spatial.square().sum()).backward()
@@ -384,8 +384,7 @@ def test_every_triton_launch_is_guarded_by_the_input_device(rng_seed, monkeypatc
 
 
 def test_autotune_key_holds_batch_dtype_and_device():
-    guard = importlib.import_module("stellar_kernels._triton")
-    key = guard.tune_key
+    key = importlib.import_module("stellar_kernels._triton").tune_key
     base = key("sinkhorn_match", torch.device("cuda", 0), torch.float32, 512, 16, 16)
     assert base == key("sinkhorn_match", torch.device("cuda", 0), torch.float32, 509, 16, 16)
     for other in (
@@ -475,7 +474,9 @@ def test_unknown_environment_backend_raises(monkeypatch):
         lambda: sk.sinkhorn_match(torch.rand(2, 3, 4)),
         lambda: sk.hungarian_match(torch.rand(2, 3, 4)),
     ):
-        with pytest.raises(ValueError, match=r"STELLAR_KERNELS_BACKEND.*'tritn'.*'torch'.*'triton'"):
+        with pytest.raises(
+            ValueError, match=r"STELLAR_KERNELS_BACKEND.*'tritn'.*'torch'.*'triton'"
+        ):
             call()
 
 
@@ -568,5 +569,7 @@ def test_nothing_cites_files_outside_the_repository():
         pytest.skip("git is not installed")
     if out.returncode not in (0, 1):
         pytest.skip(f"not a git checkout: {out.stderr.strip()}")
-    hits = [line for line in out.stdout.splitlines() if not line.startswith("tests/test_contract.py")]
+    hits = [
+        line for line in out.stdout.splitlines() if not line.startswith("tests/test_contract.py")
+    ]
     assert not hits, "\n".join(hits)

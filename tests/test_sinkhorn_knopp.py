@@ -4,6 +4,7 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors
 (tests/conftest.py sets it); the gpu-marked tests run them at full size.
 """
 
+import datetime
 import importlib
 import os
 import socket
@@ -14,9 +15,10 @@ import torch
 import torch.multiprocessing as mp
 
 import stellar_kernels as sk
+from stellar_kernels._triton import HAS_TRITON
 
 skm = importlib.import_module("stellar_kernels.sinkhorn_knopp")
-needs_triton = pytest.mark.skipif(not skm.HAS_TRITON, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -63,7 +65,7 @@ def test_nan_raises_unless_validate_false(rng_seed, backend):
     scores[17, 29] = float("nan")
     with pytest.raises(ValueError, match="scores contains NaN"):
         sk.sinkhorn_knopp(scores, backend=backend)
-    sk.sinkhorn_knopp(scores, backend=backend, validate=False)  # no scan, no error
+    sk.sinkhorn_knopp(scores, backend=backend, validate=False)  # no check, no error
 
 
 def test_input_unchanged(rng_seed):
@@ -99,13 +101,14 @@ def test_triton_matches_float64_and_reference(rng_seed, n, p, n_iters, scale, dt
 
 @needs_triton
 @pytest.mark.parametrize("n,p,n_iters,scale", [(37, 53, 1, 1.0), (20, 300, 3, 0.5)])
-def test_triton_chunked_rows(rng_seed, n, p, n_iters, scale):
+def test_triton_chunked_rows(rng_seed, monkeypatch, n, p, n_iters, scale):
     """Rows wider than the resident tile: two sweeps per row block, masked column tail."""
     scores = (torch.randn(n, p) * 3).to(DEVICE)
-    q = skm._triton_sinkhorn_knopp(
-        scores, n_iters, scale, 1e-8, None, max_resident_p=16, chunk_p=32
-    )
+    monkeypatch.setattr(skm, "MAX_RESIDENT_P", 16)
+    monkeypatch.setattr(skm, "CHUNKED_BLOCK_P", 32)
+    q, flag = skm.sinkhorn_knopp_triton(scores, n_iters, scale, 1e-8, None)
     check_float64(q, scores, n_iters, scale)
+    assert flag.item() == 0
 
 
 @needs_triton
@@ -130,7 +133,7 @@ def test_triton_input_unchanged_and_strided(rng_seed):
 def test_triton_is_the_cuda_default(monkeypatch):
     seen = {}
 
-    def spy(op, backend, device, available, default_cuda, default_cpu):
+    def spy(op, backend, device, available, default_cuda, default_cpu, *args, **kwargs):
         seen.update(default_cuda=default_cuda, default_cpu=default_cpu)
         return "torch"
 
@@ -162,58 +165,93 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _distributed_worker(rank, world, port, scores, backend, env, queue):
+def _distributed_worker(rank, world, port, rows_per_rank, backend, env, queue):
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # A peer left alone in a collective fails after this timeout instead of hanging the test.
+    torch.distributed.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
-        rows = scores.chunk(world)[rank]
-        q = sk.sinkhorn_knopp(rows, n_iters=3, backend=backend)
-        q_local = sk.sinkhorn_knopp(rows, n_iters=3, backend=backend, local=True)
+        rows = rows_per_rank[rank]
+        try:
+            q = sk.sinkhorn_knopp(rows, n_iters=3, backend=backend).numpy()
+        except ValueError as err:
+            q = str(err)
+        q_local = sk.sinkhorn_knopp(rows, n_iters=3, backend=backend, local=True, validate=False)
         # numpy arrays travel by value: a tensor would be shared through a file descriptor
         # that dies with this process if it exits before the parent has read it.
-        queue.put((rank, q.numpy(), q_local.numpy()))
+        queue.put((rank, q, q_local.numpy()))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def run_two_ranks(scores: torch.Tensor, backend: str, env: dict | None = None):
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(
-            target=_distributed_worker, args=(r, 2, port, scores, backend, env or {}, queue)
-        )
-        for r in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    results = {}
-    for _ in procs:
-        rank, q, q_local = queue.get(timeout=120)
-        results[rank] = (torch.from_numpy(q), torch.from_numpy(q_local))
-    for proc in procs:
-        proc.join(timeout=60)
-        assert proc.exitcode == 0
-    return results
-
-
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
-def test_two_ranks_equal_one_call_on_stacked_rows(rng_seed, monkeypatch, backend):
-    scores = torch.randn(23, 40) * 4
+def run_two_ranks(rows_per_rank: list[torch.Tensor], backend: str, monkeypatch):
+    """Each rank's sinkhorn_knopp result (an array, or the ValueError's message) and local result."""
     env = {}
     if backend == "triton":
         # The workers take CPU tensors: the kernels run in the interpreter, which must be
         # chosen before triton is imported (spawned workers inherit this environment).
         env = {"TRITON_INTERPRET": "1"}
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    results = run_two_ranks(scores, backend, env)
-    stacked = torch.cat([results[0][0], results[1][0]])
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = _free_port()
+    procs = [
+        ctx.Process(
+            target=_distributed_worker, args=(r, 2, port, rows_per_rank, backend, env, queue)
+        )
+        for r in range(2)
+    ]
+    for proc in procs:
+        proc.start()
+    results = {}
+    try:
+        for _ in procs:
+            rank, q, q_local = queue.get(timeout=150)
+            results[rank] = (q, torch.from_numpy(q_local))
+    finally:
+        for proc in procs:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.kill()
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    return results
+
+
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_two_ranks_equal_one_call_on_stacked_rows(rng_seed, monkeypatch, backend):
+    scores = torch.randn(23, 40) * 4
+    results = run_two_ranks(list(scores.chunk(2)), backend, monkeypatch)
+    stacked = torch.cat([torch.from_numpy(results[0][0]), torch.from_numpy(results[1][0])])
     check_float64(stacked, scores)
     # local=True must not communicate: each rank normalizes its own rows only.
     for rank, rows in enumerate(scores.chunk(2)):
         check_float64(results[rank][1], rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_with_no_rows_joins_the_collectives(rng_seed, monkeypatch, backend):
+    scores = torch.randn(11, 19) * 4
+    results = run_two_ranks([scores[:0], scores], backend, monkeypatch)
+    empty, full = results[0][0], results[1][0]
+    assert empty.shape == (0, 19) and empty.dtype == np.float32
+    check_float64(torch.from_numpy(full), scores)  # all of the stacked rows live on rank 1
+    assert results[0][1].shape == (0, 19)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nonfinite_on_one_rank_raises_on_every_rank(rng_seed, monkeypatch, backend):
+    scores = torch.randn(14, 9) * 4
+    scores[10, 3] = float("nan")  # in rank 1's rows only
+    results = run_two_ranks(list(scores.chunk(2)), backend, monkeypatch)
+    for rank in (0, 1):
+        message = results[rank][0]
+        assert isinstance(message, str), f"rank {rank} did not raise"
+        assert "scores contains NaN or an infinity on this rank or another" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,7 +346,7 @@ def _nccl_worker(port, scores, queue):
     try:
         x = scores.cuda()
         group = torch.distributed.group.WORLD
-        q = skm._triton_sinkhorn_knopp(x, 3, 0.5, 1e-8, group)  # the all-reduce path, on NCCL
+        q, _ = skm.sinkhorn_knopp_triton(x, 3, 0.5, 1e-8, group)  # the all-reduce path, on NCCL
         queue.put((q.cpu().numpy(), sk.sinkhorn_knopp(x, scale=0.5, local=True).cpu().numpy()))
     finally:
         torch.distributed.destroy_process_group()

@@ -6,7 +6,7 @@ import torch
 from scipy.special import logsumexp
 
 import stellar_kernels as sk
-from stellar_kernels.sinkhorn_match import round_plan
+from stellar_kernels.reference import round_plan
 
 
 def plan_float64(cost: np.ndarray, eps: float, n_iters: int) -> np.ndarray:

@@ -17,11 +17,12 @@ pytest.importorskip("triton")
 from test_sinkhorn_match import plan_float64  # noqa: E402
 
 import stellar_kernels as sk  # noqa: E402
-from stellar_kernels._backend import resolve_backend  # noqa: E402
-from stellar_kernels.sinkhorn_match import round_plan  # noqa: E402
+from stellar_kernels import _triton  # noqa: E402
+from stellar_kernels.reference import round_plan  # noqa: E402
 
-# The module (the package attribute of that name is the function).
+# The modules (the package attributes of those names are the functions).
 sm = importlib.import_module("stellar_kernels.sinkhorn_match")
+mt = importlib.import_module("stellar_kernels.match_tokens")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -144,16 +145,17 @@ def test_every_tile_configuration(rng_seed, monkeypatch, tile):
     """Each (problems per program, num_warps) the tuner may pick, on a batch that none divides."""
     q, t = tile // 2 + 1, tile - 3
     cost = make_cost(5, q, t, torch.float32, True)
+    key = _triton.tune_key("sinkhorn_match", cost.device, torch.float32, 5, q, t)
     for config in sm.sinkhorn_candidates(tile):
-        monkeypatch.setitem(sm._TUNED, ("sinkhorn_match", q, t, 0, torch.float32), config)
+        monkeypatch.setitem(_triton.TUNED, key, config)
         check_sinkhorn(cost, 0.1, 5, "permutation")
 
 
 def test_untimed_tuning_takes_the_first_candidate_and_caches_nothing():
     calls = []
     key = ("test", 1, 2, 3, torch.float32)
-    got = sm._autotune(key, [(2, 2), (1, 1)], calls.append, torch.device("cpu"))
-    assert got == (2, 2) and calls == [] and key not in sm._TUNED
+    got = _triton.autotune(key, [(2, 2), (1, 1)], calls.append, torch.device("cpu"))
+    assert got == (2, 2) and calls == [] and key not in _triton.TUNED
 
 
 def test_sliced_input_reads_strides_without_copy(rng_seed):
@@ -262,12 +264,17 @@ def test_match_tokens_views_are_close_to_the_target(rng_seed):
 
 
 def test_cuda_default_is_triton(monkeypatch):
-    monkeypatch.delenv("STELLAR_KERNELS_BACKEND", raising=False)
-    for op in ("sinkhorn_match", "match_tokens"):
-        chosen = resolve_backend(
-            op, None, torch.device("cuda"), ("torch", "triton"), sm.DEFAULT_CUDA_BACKEND, "torch"
-        )
-        assert chosen == "triton"
+    seen = {}
+
+    def spy(op, backend, device, available, default_cuda, default_cpu, *args, **kwargs):
+        seen[op] = (default_cuda, default_cpu)
+        return "torch"
+
+    monkeypatch.setattr(sm, "resolve_backend", spy)
+    monkeypatch.setattr(mt, "resolve_backend", spy)
+    sk.sinkhorn_match(torch.rand(3, 4))
+    sk.match_tokens(torch.randn(2, 3, 5), torch.randn(1, 3, 5))
+    assert seen == {"sinkhorn_match": ("triton", "torch"), "match_tokens": ("triton", "torch")}
 
 
 def test_custom_ops_pass_opcheck(rng_seed):
@@ -331,18 +338,20 @@ def test_gpu_match_tokens_full_size(rng_seed, untuned, dtype):
 def test_gpu_every_candidate_configuration(rng_seed, monkeypatch):
     """The tuner times every candidate once and caches its pick; each configuration it may
     pick, not only the one it picked, computes the same."""
-    key = ("sinkhorn_match", 16, 16, 0, torch.float32)
-    monkeypatch.delitem(sm._TUNED, key, raising=False)
+    cuda = torch.device("cuda")
+    key = _triton.tune_key("sinkhorn_match", cuda, torch.float32, 512, 16, 16)
+    monkeypatch.delitem(_triton.TUNED, key, raising=False)
     sk.sinkhorn_match(torch.rand(512, 16, 16, device="cuda"))
-    assert sm._TUNED[key] in sm.sinkhorn_candidates(16)
-    cost = make_cost(509, 16, 16, torch.float32, True, device="cuda")
+    assert _triton.TUNED[key] in sm.sinkhorn_candidates(16)
+    cost = make_cost(509, 16, 16, torch.float32, True, device="cuda")  # the same key (512)
     for config in sm.sinkhorn_candidates(16):
-        monkeypatch.setitem(sm._TUNED, ("sinkhorn_match", 16, 16, 0, torch.float32), config)
+        monkeypatch.setitem(_triton.TUNED, key, config)
         check_sinkhorn(cost, 0.1, 5, "permutation")
     pred = torch.randn(512, 16, 768, device="cuda")
     target = torch.randn(64, 16, 768, device="cuda")
-    for warps in sm.match_tokens_candidates(16):
-        monkeypatch.setitem(sm._TUNED, ("match_tokens", 16, 16, 768, torch.float32), warps)
+    key = _triton.tune_key("match_tokens", cuda, torch.float32, 512, 16, 16, 768, torch.float32)
+    for warps in mt.match_tokens_candidates(16):
+        monkeypatch.setitem(_triton.TUNED, key, warps)
         check_tokens(pred, target, 0.1, 5, "permutation")
     for q, t in [(30, 32), (64, 64), (100, 128)]:
         check_sinkhorn(
