@@ -5,7 +5,7 @@
 #   benchmarks/gpu_check.sh --dry-run  # anywhere: tiny sizes, results in a temporary folder
 #
 # Writes into the output folder: gpu_check.log (everything printed), <date>-<card>.json and
-# .md (every figure, DESIGN.md section 6), the paper table's .json/.md/.png, benchmark.json
+# .md (every figure, docs/benchmarks.md), the paper table's .json/.md/.png, benchmark.json
 # (pytest-benchmark) and diagnostics.json (eager against CUDA-graph times, GPU only).
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-"""Writes one results file with every benchmark figure (DESIGN.md section 6).
+"""Writes one results file with every benchmark figure (docs/benchmarks.md).
 
     python -m benchmarks.results --out-dir benchmarks/results [--quick]
 

@@ -1,6 +1,6 @@
 """One STELLAR training step: Triton kernels against the PyTorch references, and its components.
 
-Figures (DESIGN.md section 6):
+Figures (docs/benchmarks.md):
 - train_step/vitb16_B64: a full step of the base preset (ViT-B/16, 16 tokens, 8 masked
   views, 8 local crops, bf16) at 64 images, --kernels triton (ours) against
   --kernels torch (baseline "torch_kernels"); GPU only.

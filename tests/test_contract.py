@@ -1,4 +1,4 @@
-"""The operators' contract (docs/operators.md), the same on every backend.
+"""The operators' contract (README, "The contract"), the same on every backend.
 
 Non-finite input, checks that cost nothing (torch.compile, no host synchronization in the
 training step), gradients, backend choice, device guards and accurate costs for tokens
@@ -555,12 +555,15 @@ def test_gpu_forbidden_pairs_full_size(rng_seed):
 # ----------------------------------------------------------------------------- 8. self-contained docs
 
 
-def test_nothing_cites_files_outside_the_repository():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def git_grep(pattern: str, *flags: str) -> str:
+    """`git grep -I -E pattern` over the tracked files (skips where git or the checkout is missing)."""
     try:
         out = subprocess.run(
-            ["git", "grep", "-n", "-I", "-E", r"DESIGN(\.md)?[ ]*(§|section)|shared/DESIGN"],
-            cwd=root,
+            ["git", "grep", "-I", "-E", *flags, pattern],
+            cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=60,
@@ -569,7 +572,17 @@ def test_nothing_cites_files_outside_the_repository():
         pytest.skip("git is not installed")
     if out.returncode not in (0, 1):
         pytest.skip(f"not a git checkout: {out.stderr.strip()}")
-    hits = [
-        line for line in out.stdout.splitlines() if not line.startswith("tests/test_contract.py")
-    ]
+    return out.stdout
+
+
+def test_nothing_cites_files_outside_the_repository():
+    found = git_grep(r"DESIGN(\.md)?[ ]*(§|section)|shared/DESIGN", "-n")
+    hits = [line for line in found.splitlines() if not line.startswith("tests/test_contract.py")]
     assert not hits, "\n".join(hits)
+
+
+def test_every_cited_docs_page_exists():
+    cited = set(git_grep(r"docs/[A-Za-z0-9_-]+\.md", "-h", "-o").split())
+    assert cited, "no docs page is cited"
+    missing = sorted(page for page in cited if not os.path.isfile(os.path.join(ROOT, page)))
+    assert not missing, f"cited but missing: {missing}"
