@@ -586,3 +586,19 @@ def test_every_cited_docs_page_exists():
     assert cited, "no docs page is cited"
     missing = sorted(page for page in cited if not os.path.isfile(os.path.join(ROOT, page)))
     assert not missing, f"cited but missing: {missing}"
+
+
+def test_readme_states_the_contract_for_every_operator():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert "### The contract" in readme
+    section = readme.split("### The contract", 1)[1].split("\n### ", 1)[0]
+    operators = ["sinkhorn_match", "match_tokens", "sinkhorn_knopp"]
+    operators += ["localization", "factorize", "hungarian_match"]
+    missing = [op for op in operators if f"`{op}`" not in section]
+    assert not missing, f"the contract says nothing of {missing}"
+    for promise in ("validate=False", "fullgraph=True", "STELLAR_KERNELS_BACKEND", "local=True"):
+        assert promise in section, promise
+    for op in operators:
+        doc = getattr(sk, op).__doc__
+        assert "validate:" in doc and "backend:" in doc, f"{op}'s docstring lacks the contract"
