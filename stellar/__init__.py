@@ -1,6 +1,6 @@
 """STELLAR: sparse semantic tokens and a localization matrix, learned self-supervised."""
 
-__version__ = "0.1.0"
+from stellar_kernels._version import __version__
 
 
 def load(path, device="cpu", kernels=None):

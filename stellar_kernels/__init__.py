@@ -5,6 +5,7 @@ implementation for the tensor's device, ``backend="torch"`` the PyTorch
 reference, and the environment variable STELLAR_KERNELS_BACKEND the default.
 """
 
+from ._version import __version__
 from .hungarian import hungarian_match
 from .localization import factorize, localization
 from .match_tokens import match_tokens
@@ -13,6 +14,7 @@ from .sinkhorn_match import MatchResult, sinkhorn_match
 
 __all__ = [
     "MatchResult",
+    "__version__",
     "factorize",
     "hungarian_match",
     "localization",

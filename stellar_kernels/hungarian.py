@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from ._extension import cuda_extension_built, load_extension
+from ._extension import cuda_extension_built, fix_command, load_extension
 from ._validation import check_no_nan, check_rows_fit, check_tensor, checking
 from .reference import hungarian_scipy
 
@@ -38,8 +38,9 @@ def _cannot_serve(impl: str, device: torch.device) -> str | None:
         load_extension()
         if not cuda_extension_built():
             return (
-                "stellar_kernels._C was built without CUDA; reinstall with a CUDA toolkit "
-                "present (pip install -e . --no-build-isolation)"
+                f"the extension {load_extension().name} holds no CUDA kernels (no CUDA "
+                "toolkit was found when it was built); with CUDA_HOME set to a toolkit: "
+                f"`{fix_command()}`"
             )
     return None
 

@@ -292,11 +292,20 @@ def test_validate_false_leaves_minus_one():
     assert (index[1] == -1).all() and (index[[0, 2]] >= 0).all()
 
 
-def test_cuda_extension_built_when_toolkit_present():
-    """With CUDA torch and nvcc available, pip install must have compiled the CUDA sources."""
-    if torch.version.cuda is None or shutil.which("nvcc") is None:
-        pytest.skip(f"torch {torch.__version__} without CUDA or no nvcc: CUDA sources not expected")
-    assert cuda_extension_built()
+def test_cuda_kernels_built_wherever_they_can_be():
+    """An install-time build compiles the CUDA sources wherever CUDA torch meets a toolkit; a
+    build on first use wherever a GPU is visible too (elsewhere nothing could run them)."""
+    from stellar_kernels._build import find_cuda_home
+    from stellar_kernels._extension import installed_library
+
+    library = load_extension()
+    toolkit = find_cuda_home()[0] is not None and torch.version.cuda is not None
+    at_install = library == installed_library()
+    if not toolkit or not (at_install or torch.cuda.is_available()):
+        pytest.skip(f"no toolkit, or {library.name} was built on first use without a GPU")
+    if os.environ.get("STELLAR_NO_CUDA") == "1":
+        pytest.skip("STELLAR_NO_CUDA=1")
+    assert cuda_extension_built(), f"{library} lacks the CUDA kernels"
     assert hasattr(torch.ops.stellar_ext, "hungarian_cuda_scratch")
 
 
