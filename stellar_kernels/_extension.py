@@ -142,8 +142,21 @@ def load_extension() -> Path:
     return _build_on_first_use(why)
 
 
+@torch.compiler.assume_constant_result
+def ensure_loaded() -> bool:
+    """load_extension() for code that torch.compile traces: run once, outside the graph
+    (tracing cannot follow a compiler run or file reads, and needs the operators loaded)."""
+    load_extension()
+    return True
+
+
 @functools.cache
-def cuda_extension_built() -> bool:
-    """Whether the loaded extension holds the CUDA kernels."""
+def _holds_cuda_kernels() -> bool:
     load_extension()
     return bool(torch.ops.stellar_ext.cuda_built())
+
+
+@torch.compiler.assume_constant_result
+def cuda_extension_built() -> bool:
+    """Whether the loaded extension holds the CUDA kernels."""
+    return _holds_cuda_kernels()

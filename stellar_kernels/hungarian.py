@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from ._extension import cuda_extension_built, fix_command, load_extension
+from ._extension import cuda_extension_built, ensure_loaded, fix_command
 from ._validation import check_no_nan, check_rows_fit, check_tensor, checking
 from .reference import hungarian_scipy
 
@@ -35,10 +35,9 @@ def _cannot_serve(impl: str, device: torch.device) -> str | None:
     if impl == "cuda":
         if device.type != "cuda":
             return f"the CUDA kernel takes CUDA tensors, got a {device.type} tensor"
-        load_extension()
         if not cuda_extension_built():
             return (
-                f"the extension {load_extension().name} holds no CUDA kernels (no CUDA "
+                "the compiled extension holds no CUDA kernels (no CUDA "
                 "toolkit was found when it was built); with CUDA_HOME set to a toolkit: "
                 f"`{fix_command()}`"
             )
@@ -92,7 +91,7 @@ def hungarian_match(
             check_no_nan(cost=batched)
         index = hungarian_scipy(batched, maximize)
     else:
-        load_extension()
+        ensure_loaded()
         index, status = torch.ops.stellar_ext.hungarian(batched, maximize)
         if check:
             _raise_on_status(status, cost.shape)
@@ -111,7 +110,7 @@ def hungarian_emulated_warp(cost: torch.Tensor, maximize: bool = False) -> torch
         raise ValueError(
             f"hungarian_emulated_warp runs on the CPU, got a {cost.device.type} tensor"
         )
-    load_extension()
+    ensure_loaded()
     batched = _prepare(cost if cost.dim() == 3 else cost.unsqueeze(0), maximize)
     index, status = torch.ops.stellar_ext.hungarian_emulated_warp(batched, maximize)
     _raise_on_status(status, cost.shape)
