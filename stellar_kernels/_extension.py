@@ -77,7 +77,8 @@ def _build_on_first_use(reason: str) -> Path:
     cuda_home, cuda_why = _build.cuda_plan(torch, need_gpu=True)
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
     kind = "cuda" if cuda_home is not None else "cpu"
-    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-{py}-{platform.machine()}-{kind}"
+    abi = int(bool(torch._C._GLIBCXX_USE_CXX11_ABI))  # one torch version shipped both ABIs
+    tag = f"torch{torch.__version__}-cuda{torch.version.cuda}-abi{abi}-{py}-{platform.machine()}-{kind}"
     folder = cache_root() / tag.replace("+", "_")
     built = folder / f"{JIT_NAME}.so"
     newest_source = max(p.stat().st_mtime for p in _build.shipped_files(csrc))
