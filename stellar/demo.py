@@ -17,13 +17,17 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="stellar-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--output-dir", default="runs/demo")
-    p.add_argument("--preset", default="tiny")
+    from .cli import DEVICE_HELP, HelpFormatter
+
+    p = argparse.ArgumentParser(
+        prog="stellar-demo", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    p.add_argument("--output-dir", default="runs/demo", help="where the run and report go")
+    p.add_argument("--preset", default="tiny", help="the preset trained (or a YAML file)")
     p.add_argument("--max-steps", type=int, default=None, help="default: the preset's schedule")
     p.add_argument("--num-images", type=int, default=2000, help="evaluation scenes")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="auto", help=f"{DEVICE_HELP}, for training and evaluation")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides")
     return p
 
@@ -31,29 +35,24 @@ def build_parser() -> argparse.ArgumentParser:
 def run_demo(args) -> Path:
     import json
 
-    import torch
-
+    from .cli import resolve_device
     from .eval.cli import build_parser as eval_parser
     from .eval.cli import evaluate
     from .eval.equivariance import plot_equivariance
     from .eval.features import load_model
     from .eval.report import write_report
-    from .train.config import apply_overrides, load_preset, validate
-    from .train.ssl_meta_arch import teacher_mode
-    from .train.train import run_training
+    from .train.train import load_config, run_training
 
     out = Path(args.output_dir)
     run_dir = out / "run"
     start = time.time()
-    cfg = apply_overrides(load_preset(args.preset), args.overrides)
-    validate(cfg)
-    if cfg["teacher"]["mode"] == "auto":
-        cfg["teacher"]["mode"] = teacher_mode(cfg)
+    device = resolve_device(args.device)
+    # Train and evaluate on one device.
+    cfg = load_config(args.preset, [*args.overrides, f"train.device={device}"])
     print(f"[demo] training the {args.preset} preset into {run_dir}", flush=True)
     run_training(cfg, run_dir, args.max_steps, quiet=args.no_progress)
     train_s = time.time() - start
 
-    device = torch.device(args.device)
     results: dict[str, dict] = {}
     for label, random_init, sub in (
         ("trained", False, "trained"),
@@ -117,9 +116,15 @@ def run_demo(args) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .cli import run_command
+
     args = build_parser().parse_args(argv)
-    run_demo(args)
-    return 0
+
+    def demo() -> int:
+        run_demo(args)
+        return 0
+
+    return run_command("stellar-demo", demo)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ one line per operator.
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
@@ -26,7 +27,16 @@ def _timed(fn):
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(
+        prog="python -m stellar_kernels",
+        description=__doc__.split("\n\n", 1)[1].strip(),
+        epilog="Exit code 0 when every operator agrees with its reference, 1 otherwise.",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    build_parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     print(

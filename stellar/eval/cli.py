@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..cli import DEVICE_HELP, HelpFormatter, resolve_device, run_command
+from ..errors import ConfigError
 from .features import FEATURE_TYPES, build_data, extract_splits, load_model
 
 IMAGE_TASKS = (
@@ -43,13 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stellar-eval",
         description="Evaluate and probe a STELLAR model (paper sec. 5.1-5.4, appendix A.2).",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("task", choices=TASKS)
+    p.add_argument("task", choices=TASKS, help="what to measure (all: every image task)")
     p.add_argument("--checkpoint", help="a run directory, checkpoint.pt or model.safetensors")
     p.add_argument(
         "--data",
         default="shapes",
-        help="'shapes' (the embedded scenes, default) or an image folder with class subfolders",
+        help="'shapes' (the embedded scenes) or an image folder with class subfolders",
     )
     p.add_argument("--val-data", help="a separate validation folder (default: seeded 80/20 split)")
     p.add_argument("--output-dir", required=True, help="where TASK.json and pictures go")
@@ -66,18 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="evaluation image side (default: the model's input size; equivariance: 1.5x)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("linear / knn")
-    g.add_argument("--features", choices=FEATURE_TYPES, default="sparse")
+    g.add_argument("--features", choices=FEATURE_TYPES, default="sparse", help="what is probed")
     g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--k", type=int, default=20)
-    g.add_argument("--temperature", type=float, default=0.07)
+    g.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    g.add_argument("--k", type=int, default=20, help="k-NN neighbours")
+    g.add_argument("--temperature", type=float, default=0.07, help="k-NN temperature")
     g = p.add_argument_group("equivariance / robustness / visualize")
     g.add_argument("--shifts", type=_floats, default=None, help="pixels (default: 5..30 scaled)")
-    g.add_argument("--matcher", choices=("sinkhorn", "hungarian"), default="sinkhorn")
+    g.add_argument(
+        "--matcher",
+        choices=("sinkhorn", "hungarian"),
+        default="sinkhorn",
+        help="how tokens are matched across shifts",
+    )
     g.add_argument("--scales", type=_floats, default=None, help="crop area scales")
     g.add_argument("--threshold", type=float, default=0.5, help="token map threshold")
     g.add_argument("--num-vis", type=int, default=6, help="images in the pictures")
@@ -190,9 +197,13 @@ def write_result(out: Path, task: str, res: dict) -> Path:
 def evaluate(task: str, args, model=None) -> dict:
     """Runs one task (not 'all') and writes DIR/TASK.json; returns the result."""
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     start = time.time()
+    if task in IMAGE_TASKS and model is None:  # a bad checkpoint stops before DIR is made
+        model = load_model(
+            args.checkpoint, args.random_init, resolve_device(args.device), args.seed, args.preset
+        )
+    out.mkdir(parents=True, exist_ok=True)
     if task == "tokens":
         from .tokens import evaluate_tokens
 
@@ -202,10 +213,6 @@ def evaluate(task: str, args, model=None) -> dict:
 
         res = run_ablation(args, out)
     else:
-        if model is None:
-            model = load_model(
-                args.checkpoint, args.random_init, _device(args.device), args.seed, args.preset
-            )
         res = run_image_task(task, model, args, out)
         res["checkpoint"] = None if args.checkpoint is None else str(args.checkpoint)
         res["random_init"] = bool(args.random_init)
@@ -216,31 +223,28 @@ def evaluate(task: str, args, model=None) -> dict:
     return res
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    return run_command("stellar-eval", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.task in IMAGE_TASKS + ("all",) and args.checkpoint is None and not args.random_init:
-        print("error: --checkpoint is needed (or --random-init)", file=sys.stderr)
-        return 2
-    try:
-        if args.task == "all":
-            model = load_model(
-                args.checkpoint, args.random_init, _device(args.device), args.seed, args.preset
-            )
-            for task in IMAGE_TASKS:
-                evaluate(task, args, model)
-        else:
-            evaluate(args.task, args)
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
-        if os.environ.get("STELLAR_TRACEBACK"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+        raise ConfigError("--checkpoint is needed (or --random-init)")
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
+        raise FileNotFoundError(2, "no such file or directory (--checkpoint)", args.checkpoint)
+    if args.task == "all":
+        model = load_model(
+            args.checkpoint,
+            args.random_init,
+            resolve_device(args.device),
+            args.seed,
+            args.preset,
+        )
+        for task in IMAGE_TASKS:
+            evaluate(task, args, model)
+    else:
+        evaluate(args.task, args)
     print(f"results in {Path(args.output_dir).resolve()}")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+from ..cli import resolve_device
 from .features import build_data, load_model
 
 
@@ -18,7 +19,7 @@ def evaluate_run(run, args, progress: bool = True) -> dict:
     from .linear import DEFAULT_LRS, evaluate_linear
     from .reconstruction import evaluate_reconstruction
 
-    model = load_model(run, False, "cpu" if args.device == "cpu" else args.device)
+    model = load_model(run, False, resolve_device(args.device))
     size = args.image_size or int(model.config["img_size"])
     data = build_data(args.data, size, args.val_data, args.num_images, args.seed, with_masks=False)
     lin = evaluate_linear(

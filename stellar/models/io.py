@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import CheckpointError
 from .stellar import Stellar
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -32,21 +33,44 @@ def load(
             raise FileNotFoundError(f"{path} holds neither {WEIGHTS_NAME} nor {CHECKPOINT_NAME}")
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
+    config, state = read_run_file(path)
+    try:
+        model = Stellar.from_config(config["model"], kernels=kernels)
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: does not fit a STELLAR model ({first})") from err
+    return model.to(device).eval()
+
+
+def read_run_file(path: Path) -> tuple[dict, dict]:
+    """(configuration, student weights) from a checkpoint.pt or a model.safetensors."""
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
         if "config" not in meta:
-            raise ValueError(f"{path}: no 'config' in the safetensors metadata")
-        config = json.loads(meta["config"])
-        state = load_file(str(path))
+            raise CheckpointError(
+                f"{path}: no 'config' in the safetensors metadata (not a STELLAR export)"
+            )
+        try:
+            config = json.loads(meta["config"])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: its 'config' metadata is not JSON ({err})") from err
     else:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # pickle, zip and EOF errors of a damaged or foreign file
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
         if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-            raise ValueError(f"{path} is not a STELLAR checkpoint (no 'config' and 'model')")
+            raise CheckpointError(f"{path}: not a STELLAR checkpoint (no 'config' and 'model')")
         config, state = ckpt["config"], ckpt["model"]
-    model = Stellar.from_config(config["model"], kernels=kernels)
-    model.load_state_dict(state)
-    return model.to(device).eval()
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise CheckpointError(f"{path}: its configuration has no 'model' section")
+    return config, state

@@ -28,8 +28,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..cli import DEVICE_HELP, HelpFormatter, resolve_device, run_command
 from ..data import build_loader
 from ..data.loader import derive_seed
+from ..errors import CheckpointError, ConfigError
 from ..loss import MATCHERS
 from ..models import load_vit_weights
 from .checkpoint import (
@@ -75,23 +77,14 @@ def distributed_env() -> tuple[int, int, int]:
     )
 
 
-def pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    return device
-
-
 def check_kernels(kernels: str | None, device: torch.device) -> None:
     if (
         kernels == "triton"
         and device.type != "cuda"
         and os.environ.get("TRITON_INTERPRET", "0") != "1"
     ):
-        raise SystemExit(
-            "error: --kernels triton needs a CUDA device (or TRITON_INTERPRET=1 set before "
+        raise ConfigError(
+            "--kernels triton needs a CUDA device (or TRITON_INTERPRET=1 set before "
             "the start, which runs the Triton kernels slowly on the CPU); on the CPU use "
             "--kernels torch or leave --kernels out"
         )
@@ -171,6 +164,39 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+class TensorBoardLog:
+    """The scalars of metrics.jsonl, also as TensorBoard event files in the run directory."""
+
+    def __init__(self, writer_class) -> None:
+        self._writer_class = writer_class
+        self._writer = None
+
+    def log(self, out: Path, row: dict) -> None:
+        if self._writer is None:  # made with the first row: the run directory exists by then
+            self._writer = self._writer_class(log_dir=str(out / "tensorboard"))
+        for name, value in row.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self._writer.add_scalar(name, value, row["step"])
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def open_tensorboard(cfg: dict) -> TensorBoardLog | None:
+    if not cfg["train"].get("tensorboard"):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ConfigError(
+            "train.tensorboard=true needs the tensorboard package: pip install tensorboard "
+            f"(or pip install -e '.[tensorboard]'; {err})"
+        ) from err
+    return TensorBoardLog(SummaryWriter)
+
+
 def _truncate_metrics(path: Path, last_step: int) -> None:
     """Drops the rows after `last_step` (logged after the checkpoint a resumed run starts from)."""
     if not path.exists():
@@ -194,7 +220,7 @@ def run_training(
     """
     validate(cfg)
     rank, world, local_rank = distributed_env()
-    device = pick_device(cfg["train"]["device"], local_rank)
+    device = resolve_device(cfg["train"]["device"], local_rank)
     check_kernels(cfg.get("kernels"), device)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -207,29 +233,31 @@ def run_training(
     ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / "metrics.jsonl"
     total = int(cfg["train"]["total_steps"])
     max_steps = total if max_steps is None else int(max_steps)
+    tensorboard = open_tensorboard(cfg) if is_main else None
+    if not 1 <= max_steps <= total:
+        raise ConfigError(
+            f"--max-steps {max_steps} is outside 1..train.total_steps ({total}, the learning-rate "
+            "schedule's length); to train longer, raise train.total_steps in a new run"
+        )
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if is_main and not quiet else None
 
     resume = ckpt_path.is_file()
     ckpt = None
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except Exception as err:  # pickle, zip and EOF errors of a damaged file
+            raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({err})") from err
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+            raise CheckpointError(f"{ckpt_path}: not a STELLAR training checkpoint")
         diff = differences(ckpt["config"], cfg)
         if diff:
-            raise SystemExit(
-                f"error: {out} holds a run with another configuration; resume it with the same "
-                "settings or choose a new --output-dir. Differences:\n  " + "\n  ".join(diff)
+            raise ConfigError(
+                f"{out} holds a run with another configuration; resume it with the same "
+                "settings or choose a new --output-dir. Differences: " + "; ".join(diff)
             )
         if ckpt.get("world_size", world) != world and say:
             say(f"warning: resuming a {ckpt['world_size']}-process run with {world} processes")
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            atomic_write_text(out / "config.yaml", dump(cfg))
-            if metrics_path.exists():
-                metrics_path.unlink()
-    if world > 1:
-        dist.barrier()
-
     seed = int(cfg["seed"])
     seed_everything(seed)  # same initial weights on every rank
     ssl = StellarSSL(cfg)
@@ -294,6 +322,15 @@ def run_training(
         warn_dir=out / ".skipped",
         pin_memory=device.type == "cuda",
     )
+    # Only now, with the configuration, model and data built, does the run directory appear.
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_text(out / "config.yaml", dump(cfg))
+            if metrics_path.exists():
+                metrics_path.unlink()
+    if world > 1:
+        dist.barrier()
     amp = device.type == "cuda" and t.get("amp") == "bf16"
     global_batch = t["batch_size"] * world
     terms = ssl.active_terms()
@@ -411,6 +448,8 @@ def run_training(
                 if is_main and (step % t["log_every"] == 0 or step == max_steps or step == 1):
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(row) + "\n")
+                    if tensorboard is not None:
+                        tensorboard.log(out, row)
                 bar.update(1)
                 bar.set_postfix(loss=f"{values[0]:.4f}", img_s=f"{smooth_ips:.1f}", refresh=False)
                 stopping = values[-2] > 0
@@ -421,6 +460,8 @@ def run_training(
                     summary["stopped"] = "signal"
                     break
         except (Exception, KeyboardInterrupt) as err:
+            if tensorboard is not None:
+                tensorboard.close()
             # A failure outside the update (data, forward, backward, out of memory): keep
             # the progress made since the last checkpoint. Under DDP the other ranks may
             # wait in a collective, so only a single process saves here.
@@ -436,6 +477,8 @@ def run_training(
                 save(step)
             raise
     bar.close()
+    if tensorboard is not None:
+        tensorboard.close()
     if say:
         first = summary["losses"].get(summary["start_step"] + 1)
         say(
@@ -454,7 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stellar-train",
         description="Self-supervised STELLAR training (paper sec. 4, 5 and appendix A).",
         epilog="Overrides: key=value for any preset key, e.g. model.num_tokens=8 loss.koleo=0 "
-        "train.batch_size=64 (values are parsed as YAML).",
+        "train.batch_size=64 (values are parsed as YAML; --print-config lists every key).",
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--preset", default="tiny", help=f"{', '.join(PRESETS)} or a YAML file")
     p.add_argument(
@@ -462,13 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="an image folder (flat or class subfolders); default: the embedded shapes scenes",
     )
     p.add_argument(
-        "--output-dir", required=True, help="run directory (resumed when it holds a checkpoint)"
+        "--output-dir",
+        help="run directory (resumed when it holds a checkpoint); needed unless --print-config",
     )
     p.add_argument(
         "--max-steps",
         type=int,
         default=None,
-        help="stop after this step (default: train.total_steps, the schedule's length)",
+        help="stop after this step, at most train.total_steps (default: train.total_steps)",
     )
     p.add_argument(
         "--init",
@@ -482,13 +527,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="stellar_kernels backend (default: the fastest for the device)",
     )
     p.add_argument("--matcher", choices=MATCHERS, default=None, help="set alignment matching")
+    p.add_argument("--device", default=None, help=f"{DEVICE_HELP} (default: train.device)")
     p.add_argument("--print-config", action="store_true", help="print the configuration and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="preset overrides")
     return p
 
 
+def load_config(preset: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """A run's checked configuration: a preset name or YAML file, then `key=value` overrides
+    (ConfigError naming the key for a value that is not allowed)."""
+    cfg = apply_overrides(load_preset(preset), list(overrides))
+    validate(cfg)
+    if cfg["teacher"]["mode"] == "auto":
+        cfg["teacher"]["mode"] = teacher_mode(cfg)
+    return cfg
+
+
 def config_from_args(args: argparse.Namespace) -> dict:
-    cfg = load_preset(args.preset)
     extra = []
     if args.data is not None:
         extra.append(
@@ -500,34 +555,29 @@ def config_from_args(args: argparse.Namespace) -> dict:
         extra.append(("loss.matcher", args.matcher))
     if args.init is not None:
         extra.append(("init", str(Path(args.init).resolve())))
-    cfg = apply_overrides(cfg, args.overrides)
-    for key, value in extra:
-        cfg = apply_overrides(cfg, [f"{key}={json.dumps(value)}"])
-    validate(cfg)
-    if cfg["teacher"]["mode"] == "auto":
-        cfg["teacher"]["mode"] = teacher_mode(cfg)
-    return cfg
+    if args.device is not None:
+        extra.append(("train.device", args.device))
+    return load_config(args.preset, args.overrides + [f"{k}={json.dumps(v)}" for k, v in extra])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except (KeyError, ValueError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
-        return 2
+    return run_command("stellar-train", lambda: _train(args))
+
+
+def _train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     if args.print_config:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         return 0
+    if args.output_dir is None:
+        raise ConfigError("--output-dir is needed (the run directory)")
+    if args.init is not None and not Path(args.init).is_file():
+        raise FileNotFoundError(2, "no such file (--init)", args.init)
     try:
         summary = run_training(cfg, args.output_dir, args.max_steps)
     except TrainingStopped as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except (FileNotFoundError, ValueError) as err:
-        if os.environ.get("STELLAR_TRACEBACK"):
-            raise
-        print(f"error: {err}", file=sys.stderr)
+        print(f"stellar-train: error: {err}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

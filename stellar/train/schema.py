@@ -1,0 +1,297 @@
+"""The configuration's schema: every key of a run, its type and its range, as dataclasses.
+
+A preset, a YAML file and every `key=value` override are checked against it before
+anything is built: one `ConfigError` names the key, the value and what is allowed. The
+configuration itself stays a plain dict (what the presets, checkpoints and the model
+read); `check_config` returns a copy with ints widened to floats where a float is due.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union
+
+from ..errors import ConfigError
+
+# A field's range: (test, words for the message).
+POSITIVE = (lambda v: v > 0, "> 0")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+AT_LEAST_ONE = (lambda v: v >= 1, ">= 1")
+FRACTION = (lambda v: 0 < v < 1, "in (0, 1)")
+PROBABILITY = (lambda v: 0 <= v <= 1, "in [0, 1]")
+MOMENTUM = (lambda v: 0 <= v <= 1, "in [0, 1]")
+SCALE_RANGE = (lambda v: 0 < v[0] <= v[1] <= 1, "[low, high], 0 < low <= high <= 1")
+ORDERED_POSITIVE = (lambda v: 0 < v[0] <= v[1], "[low, high], 0 < low <= high")
+BETAS = (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)")
+HUE = (lambda v: 0 <= v <= 0.5, "in [0, 0.5]")
+DEVICE = (
+    lambda v: v in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", v) is not None,
+    "(auto, cpu, cuda or cuda:N)",
+)
+
+
+def key(default: Any = dataclasses.MISSING, range: tuple | None = None, **kw) -> Any:
+    if isinstance(default, (dict, list)):
+        kw["default_factory"] = lambda d=default: type(d)(d)
+    elif default is not dataclasses.MISSING:
+        kw["default"] = default
+    return field(metadata={"range": range}, **kw)
+
+
+Weight = float | bool  # a loss weight; true/false switch the term at its default weight
+Pair = tuple[float, float]
+
+
+@dataclass
+class DecoderConfig:
+    dim: int = key(range=AT_LEAST_ONE)
+    depth: int = key(range=AT_LEAST_ONE)
+    num_heads: int = key(range=AT_LEAST_ONE)
+    mlp_dim: int = key(range=AT_LEAST_ONE)
+    fourier_scale: float = key(range=POSITIVE)
+
+
+@dataclass
+class HeadConfig:
+    hidden_dim: int = key(range=AT_LEAST_ONE)
+    bottleneck_dim: int = key(range=AT_LEAST_ONE)
+    num_prototypes: int = key(range=AT_LEAST_ONE)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = key()
+    img_size: int = key(range=AT_LEAST_ONE)
+    patch_size: int = key(range=AT_LEAST_ONE)
+    num_tokens: int = key(range=AT_LEAST_ONE)
+    drop_path: float = key(range=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    grad_checkpointing: bool = key()
+    vit_kwargs: dict = key()  # passed to timm's VisionTransformer as they are
+    spatial_temperature: float = key(range=POSITIVE)
+    decoder: DecoderConfig = key()
+    head: HeadConfig = key()
+
+
+@dataclass
+class TeacherConfig:
+    mode: Literal["ema", "none", "auto"] = key()
+    momentum: float = key(range=MOMENTUM)
+    momentum_end: float = key(range=MOMENTUM)
+    ema_steps: int | None = key(range=NON_NEGATIVE)
+    ema_mask_ratio: float | None = key(range=FRACTION)
+
+
+@dataclass
+class LossConfig:
+    recon: Weight = key(range=NON_NEGATIVE)
+    cluster: Weight = key(range=NON_NEGATIVE)
+    align: Weight = key(range=NON_NEGATIVE)
+    cls: Weight = key(range=NON_NEGATIVE)
+    koleo: Weight = key(range=NON_NEGATIVE)
+    sk_temperature: float = key(range=POSITIVE)
+    sk_iters: int = key(range=AT_LEAST_ONE)
+    pred_temperature: float = key(range=POSITIVE)
+    matcher: Literal["sinkhorn", "hungarian", "none"] = key()
+    match_eps: float = key(range=POSITIVE)
+    match_iters: int = key(range=AT_LEAST_ONE)
+    match_rounding: Literal["argmax", "permutation"] = key()
+
+
+@dataclass
+class DataConfig:
+    source: str = key()
+    num_images: int = key(range=AT_LEAST_ONE)
+    image_size: int = key(range=AT_LEAST_ONE)
+    global_size: int = key(range=AT_LEAST_ONE)
+    local_size: int = key(range=AT_LEAST_ONE)
+    global_scale: Pair = key(range=SCALE_RANGE)
+    local_scale: Pair = key(range=SCALE_RANGE)
+    num_masked_views: int = key(range=NON_NEGATIVE)
+    num_local_crops: int = key(range=NON_NEGATIVE)
+    mask_ratio: float = key(range=FRACTION)
+    mask_sigma: float = key(range=POSITIVE)
+    jitter_prob: float = key(range=PROBABILITY)
+    brightness: float = key(range=NON_NEGATIVE)
+    contrast: float = key(range=NON_NEGATIVE)
+    saturation: float = key(range=NON_NEGATIVE)
+    hue: float = key(range=HUE)
+    grayscale_prob: float = key(range=PROBABILITY)
+    blur_prob: float = key(range=PROBABILITY)
+    blur_sigma: Pair = key(range=ORDERED_POSITIVE)
+    num_workers: int = key(range=NON_NEGATIVE)
+
+
+@dataclass
+class TrainConfig:
+    device: str = key(range=DEVICE)
+    batch_size: int = key(range=AT_LEAST_ONE)
+    total_steps: int = key(range=AT_LEAST_ONE)
+    warmup_steps: int = key(range=NON_NEGATIVE)
+    base_lr: float = key(range=POSITIVE)
+    lr_batch_ref: int = key(range=AT_LEAST_ONE)
+    min_lr: float = key(range=NON_NEGATIVE)
+    weight_decay: float = key(range=NON_NEGATIVE)
+    betas: Pair = key(range=BETAS)
+    clip_grad: float = key(range=POSITIVE)
+    amp: Literal["bf16", "none"] = key()
+    log_every: int = key(range=AT_LEAST_ONE)
+    ckpt_every: int = key(range=AT_LEAST_ONE)
+    progress: bool = key()
+    tensorboard: bool = key(False)  # TensorBoard event files beside metrics.jsonl
+
+
+@dataclass
+class Config:
+    seed: int = key(range=NON_NEGATIVE)
+    kernels: Literal["torch", "triton"] | None = key()
+    init: str | None = key()
+    model: ModelConfig = key()
+    teacher: TeacherConfig = key()
+    loss: LossConfig = key()
+    data: DataConfig = key()
+    train: TrainConfig = key()
+
+
+# ----------------------------------------------------------------------------- checking
+
+
+def _describe(kind: Any) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (Union, types.UnionType):
+        words = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(words) + (" or null" if type(None) in args else "")
+    if origin is tuple:
+        return "a list of two numbers"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        kind, "a mapping" if kind is dict else str(kind)
+    )
+
+
+def _expected(kind: Any, allowed: tuple | None) -> str:
+    """What a key takes, in words: "an integer >= 1", "a number >= 0, or true or false"."""
+    union = typing.get_origin(kind) in (Union, types.UnionType)
+    args = typing.get_args(kind) if union else (kind,)
+    main, *rest = [a for a in args if a is not type(None)]
+    words = _describe(main) + (f" {allowed[1]}" if allowed else "")
+    extras = [_describe(a) for a in rest] + (["null"] if type(None) in args else [])
+    return words + "".join(f", or {e}" for e in extras)
+
+
+def _convert(kind: Any, value: Any) -> tuple[bool, Any]:
+    """(fits, value as the schema keeps it)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin is Literal:
+        return value in args, value
+    if origin in (Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return True, None
+                continue
+            fits, converted = _convert(arg, value)
+            if fits:
+                return True, converted
+        return False, value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return False, value
+        items = [_convert(a, v) for a, v in zip(args, value)]
+        return all(ok for ok, _ in items), [v for _, v in items]
+    if kind is bool:
+        return isinstance(value, bool), value
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if kind is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value), float(value) if number else value
+    if kind is str:
+        return isinstance(value, str), value
+    if kind is dict:
+        return isinstance(value, dict), value
+    raise TypeError(f"schema type {kind!r} is not handled")
+
+
+def _unknown(name: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown configuration key {name!r}{hint}")
+
+
+def all_keys(schema: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares (sections included)."""
+    out = []
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += all_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def _check_section(schema: type, values: Any, prefix: str) -> dict:
+    where = prefix.rstrip(".") or "the configuration"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {values!r}")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for name in values:
+        if name not in fields:
+            raise _unknown(prefix + str(name), all_keys())
+    out = {}
+    for name, f in fields.items():
+        dotted, kind = prefix + name, hints[name]
+        if name not in values:
+            if f.default is not dataclasses.MISSING:
+                out[name] = f.default
+                continue
+            if f.default_factory is not dataclasses.MISSING:
+                out[name] = f.default_factory()
+                continue
+            raise ConfigError(f"{dotted} is missing ({_describe(kind)} expected)")
+        value = values[name]
+        if dataclasses.is_dataclass(kind):
+            out[name] = _check_section(kind, value, dotted + ".")
+            continue
+        fits, converted = _convert(kind, value)
+        allowed = f.metadata.get("range")
+        if (
+            fits
+            and allowed is not None
+            and converted is not None
+            and not isinstance(converted, bool)
+        ):
+            fits = bool(allowed[0](converted))
+        if not fits:
+            raise ConfigError(
+                f"{dotted}: {value!r} is not allowed; expected {_expected(kind, allowed)}"
+            )
+        out[name] = converted
+    return out
+
+
+def check_config(cfg: Any) -> dict:
+    """A checked copy of `cfg`; ConfigError naming the first key that does not fit."""
+    return _check_section(Config, cfg, "")
+
+
+def describe_key(dotted: str) -> str:
+    """What a key takes, in words (for help texts)."""
+    schema: type = Config
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(schema)
+        if part not in hints:
+            raise _unknown(dotted, all_keys())
+        if i == len(parts) - 1:
+            f = next(f for f in dataclasses.fields(schema) if f.name == part)
+            return _expected(hints[part], f.metadata.get("range"))
+        schema = hints[part]
+    return "a section"
