@@ -13,3 +13,9 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint or weights file that cannot be read or is not a STELLAR run's."""
+
+
+def reason(err: BaseException, limit: int = 160) -> str:
+    """The first line of an exception from a library, short enough for a one-line error."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -55,6 +55,7 @@ def train(*argv: str) -> int:
         ("loss.koleo=-1", "loss.koleo: -1 is not allowed; expected a number >= 0, or true"),
         ("train.progress=maybe", "train.progress: 'maybe' is not allowed; expected true or false"),
         ("model.num_tokns=3", "unknown configuration key 'model.num_tokns' (did you mean"),
+        ("model.arch=vit_nonesuch", "model.arch: 'vit_nonesuch' is not allowed; expected a string"),
         ("train.warmup_steps=10000", "train.warmup_steps (10000) is past train.total_steps"),
     ],
 )
@@ -133,6 +134,9 @@ def test_missing_data_folder_and_init_file_name_the_path(tmp_path, capsys):
     assert str(tmp_path / "nope") in one_error_line(capsys, "stellar-train")
     assert train("--output-dir", str(out), "--init", str(tmp_path / "mae.pth"), *QUICK) == 1
     assert str(tmp_path / "mae.pth") in one_error_line(capsys, "stellar-train")
+    (tmp_path / "mae.pth").write_bytes(os.urandom(300))
+    assert train("--output-dir", str(out), "--init", str(tmp_path / "mae.pth"), *QUICK) == 1
+    assert "mae.pth is not a readable checkpoint" in one_error_line(capsys, "stellar-train")
     assert not out.exists()
 
 

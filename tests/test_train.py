@@ -334,19 +334,14 @@ def test_loss_falls_from_the_first_steps(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_preset_default_run(tmp_path):
-    """The tiny preset's whole run: 600 steps on the embedded scenes in at most 8 minutes."""
-    import time
-
+    """The tiny preset's whole run: 600 steps on the embedded scenes, the loss well down."""
     out = tmp_path / "tiny"
-    start = time.perf_counter()
     assert main(["--preset", "tiny", "--output-dir", str(out), "train.progress=false"]) == 0
-    elapsed = time.perf_counter() - start
     rows = _metrics(out)
     assert len(rows) == 600
     first = sum(r["loss"] for r in rows[:10]) / 10
     last = sum(r["loss"] for r in rows[-10:]) / 10
     assert last < first - 3, (first, last)
-    assert elapsed < 480, elapsed
 
 
 @pytest.mark.gpu

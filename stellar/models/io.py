@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, reason
 from .stellar import Stellar
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -38,8 +38,7 @@ def load(
         model = Stellar.from_config(config["model"], kernels=kernels)
         model.load_state_dict(state)
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: does not fit a STELLAR model ({first})") from err
+        raise CheckpointError(f"{path}: does not fit a STELLAR model ({reason(err)})") from err
     return model.to(device).eval()
 
 
@@ -54,7 +53,9 @@ def read_run_file(path: Path) -> tuple[dict, dict]:
                 meta = f.metadata() or {}
             state = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from err
+            raise CheckpointError(
+                f"{path}: not a readable safetensors file ({reason(err)})"
+            ) from err
         if "config" not in meta:
             raise CheckpointError(
                 f"{path}: no 'config' in the safetensors metadata (not a STELLAR export)"
@@ -62,12 +63,16 @@ def read_run_file(path: Path) -> tuple[dict, dict]:
         try:
             config = json.loads(meta["config"])
         except ValueError as err:
-            raise CheckpointError(f"{path}: its 'config' metadata is not JSON ({err})") from err
+            raise CheckpointError(
+                f"{path}: its 'config' metadata is not JSON ({reason(err)})"
+            ) from err
     else:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # pickle, zip and EOF errors of a damaged or foreign file
-            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({err})") from err
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({reason(err)})"
+            ) from err
         if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
             raise CheckpointError(f"{path}: not a STELLAR checkpoint (no 'config' and 'model')")
         config, state = ckpt["config"], ckpt["model"]

@@ -16,6 +16,8 @@ import torch
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from torch import nn
 
+from ..errors import CheckpointError, reason
+
 WRAPPER_KEYS = ("model", "state_dict", "module", "encoder")
 STRIP_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.vit.", "encoder.", "vit.")
 # Keys of an MAE checkpoint that are not part of the ViT encoder.
@@ -27,12 +29,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--init: no such file: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip, EOF or safetensors errors of a damaged file
+        raise CheckpointError(
+            f"--init: {path} is not a readable checkpoint ({reason(err)})"
+        ) from err
     for _ in range(3):
         if not isinstance(state, dict):
             break
@@ -41,7 +48,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             break
         state = state[wrapped[0]]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--init: {path} does not hold a state dict of tensors")
+        raise CheckpointError(f"--init: {path} does not hold a state dict of tensors")
     return state
 
 
@@ -152,6 +159,6 @@ def load_vit_weights(vit: nn.Module, path: str | Path) -> dict[str, list[str]]:
         if mis_shaped:
             lines.append(f"  keys with another shape ({len(mis_shaped)}): {_summary(mis_shaped)}")
         lines.append("  (check model.arch, model.patch_size and model.vit_kwargs against the file)")
-        raise ValueError("\n".join(lines))
+        raise CheckpointError("\n".join(lines))
     vit.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
     return {"ignored": ignored}

@@ -30,6 +30,15 @@ SCALE_RANGE = (lambda v: 0 < v[0] <= v[1] <= 1, "[low, high], 0 < low <= high <=
 ORDERED_POSITIVE = (lambda v: 0 < v[0] <= v[1], "[low, high], 0 < low <= high")
 BETAS = (lambda v: all(0 <= b < 1 for b in v), "each in [0, 1)")
 HUE = (lambda v: 0 <= v <= 0.5, "in [0, 0.5]")
+
+
+def _is_timm_vit(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name) and name.startswith(("vit_", "deit", "eva"))
+
+
+ARCH = (_is_timm_vit, "naming a timm ViT (vit_tiny_patch16_224, vit_base_patch16_224, ...)")
 DEVICE = (
     lambda v: v in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", v) is not None,
     "(auto, cpu, cuda or cuda:N)",
@@ -66,7 +75,7 @@ class HeadConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = key()
+    arch: str = key(range=ARCH)
     img_size: int = key(range=AT_LEAST_ONE)
     patch_size: int = key(range=AT_LEAST_ONE)
     num_tokens: int = key(range=AT_LEAST_ONE)

@@ -31,7 +31,7 @@ import yaml
 from ..cli import DEVICE_HELP, HelpFormatter, resolve_device, run_command
 from ..data import build_loader
 from ..data.loader import derive_seed
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, reason
 from ..loss import MATCHERS
 from ..models import load_vit_weights
 from .checkpoint import (
@@ -247,7 +247,9 @@ def run_training(
         try:
             ckpt = load_checkpoint(ckpt_path)
         except Exception as err:  # pickle, zip and EOF errors of a damaged file
-            raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({err})") from err
+            raise CheckpointError(
+                f"{ckpt_path}: not a readable checkpoint ({reason(err)})"
+            ) from err
         if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
             raise CheckpointError(f"{ckpt_path}: not a STELLAR training checkpoint")
         diff = differences(ckpt["config"], cfg)
