@@ -17,7 +17,7 @@ import stellar
 from stellar.cli import resolve_device
 from stellar.testing import MINI_OVERRIDES
 from stellar.train import schema
-from stellar.train.config import load_preset, validate
+from stellar.train.config import PRESETS, load_preset, validate
 
 QUICK = MINI_OVERRIDES + ["train.progress=false"]
 
@@ -70,7 +70,7 @@ def test_a_bad_value_is_one_line_naming_the_key_and_nothing_is_written(
 
 def test_every_preset_key_has_a_declared_type_and_range():
     declared = set(schema.all_keys())
-    for name in ("tiny", "base", "large", "huge"):
+    for name in PRESETS:
         cfg = load_preset(name)
         validate(cfg)
         keys = set(_dotted(cfg))

@@ -252,3 +252,17 @@ def test_hue_rotation_keeps_luma_and_turns_full_circle():
     assert not torch.allclose(half, x)
     torch.testing.assert_close(_rotate_hue(half, torch.full((4,), 0.5, dtype=torch.float64)), x)
     torch.testing.assert_close(_rotate_hue(x, torch.zeros(4, dtype=torch.float64)), x)
+
+
+@pytest.mark.parametrize(
+    "masked_views,views,crops", [("crops", 3, 3), ("crops", 1, 2), ("copies", 3, 2)]
+)
+def test_loader_draws_a_global_crop_per_masked_view(masked_views, views, crops):
+    from stellar.data import build_loader
+    from stellar.testing import mini_config
+
+    cfg = mini_config(f"data.masked_views={masked_views}", f"data.num_masked_views={views}")
+    batch = next(iter(build_loader(cfg["data"], 2, seed=0)))
+    assert batch["global"].shape[:2] == (2, crops)
+    if crops > 2:  # independent draws, not copies
+        assert not torch.equal(batch["global"][:, 0], batch["global"][:, 2])

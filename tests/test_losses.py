@@ -187,13 +187,13 @@ def test_ema_stage_then_the_students_own_targets(monkeypatch):
     import stellar.train.ssl_meta_arch as arch
 
     ratios = []
-    real_mask = arch.focal_mask
+    real_mask = arch.mixed_mask
 
     def recording_mask(batch, h, w, ratio, *args):
         ratios.append(ratio)
         return real_mask(batch, h, w, ratio, *args)
 
-    monkeypatch.setattr(arch, "focal_mask", recording_mask)
+    monkeypatch.setattr(arch, "mixed_mask", recording_mask)
     cfg = mini_config("teacher.ema_steps=1", "teacher.ema_mask_ratio=0.5")
     torch.manual_seed(0)
     ssl = StellarSSL(cfg)
@@ -210,8 +210,9 @@ def test_ema_stage_then_the_students_own_targets(monkeypatch):
     assert ratios == [0.8, 0.8, 0.5]  # own, after the EMA stage, during it
 
 
+@pytest.mark.parametrize("masked_views", ["crops", "copies"])
 def test_colour_changes_reach_the_masked_views_the_teachers_view_and_the_local_crops(
-    monkeypatch,
+    monkeypatch, masked_views
 ):
     import stellar.train.ssl_meta_arch as arch
 
@@ -224,7 +225,9 @@ def test_colour_changes_reach_the_masked_views_the_teachers_view_and_the_local_c
         return y
 
     monkeypatch.setattr(arch, "photometric", recording)
-    cfg = mini_config("data.jitter_prob=1.0", "data.brightness=0.5")
+    cfg = mini_config(
+        "data.jitter_prob=1.0", "data.brightness=0.5", f"data.masked_views={masked_views}"
+    )
     torch.manual_seed(0)
     ssl = StellarSSL(cfg)
     teacher_inputs = []
@@ -236,8 +239,60 @@ def test_colour_changes_reach_the_masked_views_the_teachers_view_and_the_local_c
     inputs = [x for x, _ in seen]
     assert len(seen) == 3
     torch.testing.assert_close(inputs[0], views[:, 1])
-    torch.testing.assert_close(inputs[1], views[:, 0].repeat_interleave(v, dim=0))
+    if masked_views == "crops":  # view v of image b is crop v, row b*V + v
+        torch.testing.assert_close(inputs[1], views[:, :v].flatten(0, 1))
+    else:
+        torch.testing.assert_close(inputs[1], views[:, 0].repeat_interleave(v, dim=0))
     torch.testing.assert_close(inputs[2], local.flatten(0, 1))
     # The teacher encodes the changed second view, not the clean one.
     torch.testing.assert_close(teacher_inputs[0], ssl.student.normalize(seen[0][1]))
     assert not torch.allclose(seen[0][1], views[:, 1])
+
+
+def test_view_groups_sum_their_means_or_pool_every_row():
+    from stellar.train.ssl_meta_arch import combine_view_groups
+
+    rows = [torch.rand(n) for n in (3, 12, 5)]
+    groups = [(r.mean(), len(r)) for r in rows]
+    torch.testing.assert_close(
+        combine_view_groups(groups, "per_group"), sum(r.mean() for r in rows)
+    )
+    torch.testing.assert_close(combine_view_groups(groups, "pooled"), torch.cat(rows).mean())
+
+
+@pytest.mark.parametrize("views", ["per_group", "pooled"])
+def test_cls_and_koleo_terms_follow_the_view_weighting(monkeypatch, views):
+    """The CLS term from its three groups (global, masked, local) and KoLeo from its two
+    (global, masked), recomputed from the head outputs the forward pass produced."""
+    import stellar.train.ssl_meta_arch as arch
+
+    cfg = mini_config(f"loss.views={views}", teacher="none")
+    calls = {"ce": [], "koleo": []}
+    real_ce, real_koleo = arch.cluster_cross_entropy, arch.koleo_loss
+
+    def ce(targets, logits, t):
+        value = real_ce(targets, logits, t)
+        calls["ce"].append((value, len(targets)))
+        return value
+
+    def koleo(tokens):
+        value = real_koleo(tokens)
+        calls["koleo"].append((value, len(tokens)))
+        return value
+
+    monkeypatch.setattr(arch, "cluster_cross_entropy", ce)
+    monkeypatch.setattr(arch, "koleo_loss", koleo)
+    out = _losses(cfg)
+    b, v, n_local = 4, cfg["data"]["num_masked_views"], cfg["data"]["num_local_crops"]
+    cls_groups = calls["ce"][-3:]  # global, masked, local: the last three CE calls
+    assert [n for _, n in cls_groups] == [b, b * v, b * n_local]
+    koleo_groups = calls["koleo"]
+    assert [n for _, n in koleo_groups] == [b, b * v]
+    if views == "per_group":
+        want_cls = sum(x for x, _ in cls_groups)
+        want_koleo = sum(x for x, _ in koleo_groups)
+    else:
+        want_cls = sum(x * n for x, n in cls_groups) / sum(n for _, n in cls_groups)
+        want_koleo = sum(x * n for x, n in koleo_groups) / sum(n for _, n in koleo_groups)
+    torch.testing.assert_close(out["cls"], want_cls.detach())
+    torch.testing.assert_close(out["koleo"], want_koleo.detach())

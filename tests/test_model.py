@@ -9,7 +9,7 @@ import timm
 import torch
 
 import stellar
-from stellar.layers import RandomFourierPosEmbed, focal_mask, keep_count
+from stellar.layers import RandomFourierPosEmbed, focal_mask, keep_count, mixed_mask
 from stellar.models import ClusteringHead, PixelDecoder, SparseViTEncoder, Stellar, load_vit_weights
 from stellar.testing import mini_model_kwargs
 from stellar.train.checkpoint import save_weights
@@ -78,6 +78,55 @@ def test_focal_mask_concentrates_kept_patches():
         return torch.cdist(yx, yx).mean().item()
 
     assert spread(0.15) < 0.7 * spread(0.0)
+
+
+@pytest.mark.parametrize("grid", [(14, 14), (9, 13)])
+def test_mixed_mask_ratio_and_indices(grid, rng_seed):
+    h, w = grid
+    keep = mixed_mask(40, h, w, 0.8, 0.5, (0.1, 0.5), torch.Generator().manual_seed(rng_seed))
+    assert keep.shape == (40, keep_count(h * w, 0.8)) and keep.dtype == torch.int64
+    assert (keep[:, 1:] > keep[:, :-1]).all() and keep.min() >= 0 and keep.max() < h * w
+
+
+def _densest_window(keep: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Per view, the most kept patches in any 3x3 window of the grid, (batch,)."""
+    grid = torch.zeros(keep.shape[0], h * w).scatter_(1, keep, 1.0).view(-1, 1, h, w)
+    return torch.nn.functional.conv2d(grid, torch.ones(1, 1, 3, 3)).amax(dim=(1, 2, 3))
+
+
+def test_mixed_mask_biases_a_share_of_the_views(rng_seed):
+    """focal_prob 0: uniform masks (every patch kept about equally often); 1: each view keeps
+    a dense blob around its centre; 0.5: about half of the views do."""
+    g = torch.Generator().manual_seed(rng_seed)
+    n, side = 4000, 16
+    uniform = mixed_mask(n, side, side, 0.8, 0.0, (0.1, 0.5), g)
+    counts = torch.bincount(uniform.flatten(), minlength=side * side).float()
+    expected = n * uniform.shape[1] / (side * side)
+    assert (counts - expected).abs().max() < 6 * expected**0.5  # binomial spread
+    dense = 8  # of 9: a blob (uniform masks keeping 20% reach it about never)
+    blob = lambda keep: (_densest_window(keep, side, side) >= dense).float().mean().item()  # noqa: E731
+    assert blob(uniform) < 0.01
+    every = blob(mixed_mask(n, side, side, 0.8, 1.0, (0.1, 0.1), g))
+    assert every > 0.7  # not all: a centre on the border has no full window around it
+    half = blob(mixed_mask(n, side, side, 0.8, 0.5, (0.1, 0.1), g))
+    assert abs(half - every / 2) < 0.05, (half, every)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_clustering_head_prototypes(normalize, rng_seed):
+    """Logits are the normalized embedding dotted with the prototypes, normalized or not."""
+    from stellar.models.heads import ClusteringHead
+
+    head = ClusteringHead(12, 16, 8, 10, normalize_prototypes=normalize).double()
+    x = torch.randn(5, 12, dtype=torch.float64)
+    z = head.mlp(x)
+    z = z / z.norm(dim=-1, keepdim=True)
+    wt = head.prototypes.weight
+    if normalize:
+        wt = wt / wt.norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(head(x), z @ wt.T)
+    if not normalize:  # sharper than cosines: some logit magnitude above 1
+        assert head(x).abs().max() > 1
 
 
 # ------------------------------------------------------------------------- modules

@@ -12,7 +12,7 @@ import yaml
 
 import stellar
 from stellar.testing import MINI_OVERRIDES
-from stellar.train.config import apply_overrides, differences, load_preset, validate
+from stellar.train.config import PRESETS, apply_overrides, differences, load_preset, validate
 from stellar.train.schema import ConfigError
 from stellar.train.ssl_meta_arch import StellarSSL
 from stellar.train.train import lr_factor, main
@@ -37,7 +37,7 @@ def _metrics(out) -> list[dict]:
 def test_presets_hold_every_key_and_the_papers_recipe():
     tiny = load_preset("tiny")
     keys = None
-    for name in ("tiny", "base", "large", "huge"):
+    for name in PRESETS:
         cfg = load_preset(name)
         validate(cfg)
         flat = set(_flat_keys(cfg))
@@ -364,3 +364,31 @@ def test_training_steps_on_the_gpu(tmp_path, kernels):
     with torch.no_grad():
         enc = model.encode(torch.rand(2, 3, 64, 64, device="cuda"))
     assert enc["spatial"].shape == (2, 64, 8) and enc["lowrank"].is_cuda
+
+
+def test_a_run_from_before_a_new_key_resumes_when_the_key_keeps_its_default():
+    new = load_preset("tiny")
+    validate(new)
+    old = load_preset("tiny")
+    del old["train"]["tensorboard"], old["data"]["masking"]
+    new["data"]["masking"] = "focal"  # the default: what the old run did
+    assert differences(old, new) == []
+    new["data"]["masking"] = "mixed"
+    assert differences(old, new) == ["data.masking: 'focal' -> 'mixed'"]
+
+
+def test_random_prior_preset_is_the_papers_schedule():
+    cfg = load_preset("base_random_prior")
+    validate(cfg)
+    base = load_preset("base")
+    steps_per_epoch = base["train"]["total_steps"] // 150
+    assert cfg["teacher"]["mode"] == "ema" and cfg["init"] is None
+    assert cfg["teacher"]["ema_steps"] == 150 * steps_per_epoch
+    assert cfg["train"]["total_steps"] == 225 * steps_per_epoch
+    assert cfg["teacher"]["ema_mask_ratio"] == 0.6 and cfg["data"]["mask_ratio"] == 0.8
+    assert differences(base, cfg, exempt=()) == [
+        "teacher.ema_mask_ratio: None -> 0.6",
+        "teacher.ema_steps: None -> 93750",
+        "teacher.mode: 'auto' -> 'ema'",
+        "train.total_steps: 93750 -> 140625",
+    ]

@@ -95,6 +95,15 @@ def build_base_dataset(data_cfg: dict, warn_dir: str | Path | None = None):
     return ImageFolderDataset(source, warn_dir=warn_dir)
 
 
+def num_global_crops(data_cfg: dict) -> int:
+    """Global-scale crops per image: the student's and the teacher's view, and with
+    data.masked_views=crops one per masked view (crop v is masked view v, as in the public
+    code: the first is the student's view, the second the teacher's)."""
+    if data_cfg.get("masked_views", "copies") == "crops":
+        return max(2, int(data_cfg["num_masked_views"]))
+    return 2
+
+
 def build_loader(
     data_cfg: dict,
     batch_size: int,
@@ -114,6 +123,7 @@ def build_loader(
         num_local=data_cfg["num_local_crops"],
         global_scale=tuple(data_cfg["global_scale"]),
         local_scale=tuple(data_cfg["local_scale"]),
+        num_global=num_global_crops(data_cfg),
     )
     sampler = StepBatchSampler(len(dataset), batch_size, seed, rank, world_size, start_step)
     workers = int(data_cfg.get("num_workers", 0))

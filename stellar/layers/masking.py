@@ -1,10 +1,16 @@
-"""Gaussian-focal patch masking of the masked global views.
+"""Patch masking of the masked global views.
 
 A masked view keeps round(N * (1 - ratio)) of its N patches (at least one).
-The kept patches are drawn without replacement with probability proportional
-to a Gaussian centred on a random focal point of the grid, so that what
-remains visible is a blob around the focus plus some scattered patches
-(Gumbel top-k sampling of the log-weights).
+Two generators, chosen by `data.masking`:
+
+- `mixed_mask` (the public code's): each view is, with probability `focal_prob`,
+  biased towards a random centre cell: every patch draws a uniform score, the
+  Gaussian exp(-d^2 / 2 sigma^2) around the centre (sigma drawn per view from
+  `sigma_range`, a fraction of the grid's side) is subtracted, and the patches
+  with the lowest scores stay visible; the other views are plain random masks.
+- `focal_mask`: every view is Gaussian-focal with one fixed sigma, its kept patches
+  drawn without replacement with probability proportional to the Gaussian
+  (Gumbel top-k sampling of the log-weights).
 """
 
 from __future__ import annotations
@@ -51,4 +57,33 @@ def focal_mask(
     u = torch.rand(batch, n, generator=generator).clamp_(1e-20, 1.0)
     gumbel = -torch.log(-torch.log(u))
     idx = (log_w + gumbel).topk(keep, dim=1).indices
+    return idx.sort(dim=1).values.to(device)
+
+
+def mixed_mask(
+    batch: int,
+    grid_h: int,
+    grid_w: int,
+    ratio: float,
+    focal_prob: float = 0.5,
+    sigma_range: tuple[float, float] = (0.1, 0.5),
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Indices of the kept patches, (batch, n_keep) int64, sorted ascending: random masks,
+    a share `focal_prob` of them biased towards a random centre (see the module docstring)."""
+    n = grid_h * grid_w
+    keep = keep_count(n, ratio)
+    score = torch.rand(batch, n, generator=generator)
+    rows = torch.arange(grid_h, dtype=torch.float32).repeat_interleave(grid_w)
+    cols = torch.arange(grid_w, dtype=torch.float32).repeat(grid_h)
+    centre_r = torch.randint(grid_h, (batch, 1), generator=generator).float()
+    centre_c = torch.randint(grid_w, (batch, 1), generator=generator).float()
+    lo, hi = sigma_range
+    sigma = lo + (hi - lo) * torch.rand(batch, 1, generator=generator)
+    # Distances in units of the grid's side, so that sigma is a fraction of it on any grid.
+    d2 = ((rows - centre_r) / grid_h) ** 2 + ((cols - centre_c) / grid_w) ** 2
+    focal = torch.rand(batch, 1, generator=generator) < focal_prob
+    score = score - focal * torch.exp(-d2 / (2 * sigma**2))
+    idx = score.topk(keep, dim=1, largest=False).indices
     return idx.sort(dim=1).values.to(device)

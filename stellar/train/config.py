@@ -18,11 +18,11 @@ from typing import Any
 
 import yaml
 
-from .schema import ConfigError, all_keys, check_config
+from .schema import ConfigError, all_keys, check_config, defaults
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
-PRESETS = ("tiny", "base", "large", "huge")
+PRESETS = ("tiny", "base", "large", "huge", "base_random_prior")
 OPEN_KEYS = ("model.vit_kwargs",)
 # Keys that may differ between a run and its resumption: they do not change the result.
 RESUME_EXEMPT = (
@@ -140,6 +140,8 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 def differences(old: dict, new: dict, exempt: tuple[str, ...] = RESUME_EXEMPT) -> list[str]:
     """Lines "key: old -> new" for the keys whose values differ (ignoring `exempt`)."""
     a, b = flatten(old), flatten(new)
+    for key, value in defaults().items():  # a key newer than `old` meant its default then
+        a.setdefault(key, value)
     lines = []
     for key in sorted(set(a) | set(b)):
         if key in exempt:

@@ -57,7 +57,7 @@ Weight = float | bool  # a loss weight; true/false switch the term at its defaul
 Pair = tuple[float, float]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DecoderConfig:
     dim: int = key(range=AT_LEAST_ONE)
     depth: int = key(range=AT_LEAST_ONE)
@@ -66,14 +66,16 @@ class DecoderConfig:
     fourier_scale: float = key(range=POSITIVE)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HeadConfig:
     hidden_dim: int = key(range=AT_LEAST_ONE)
     bottleneck_dim: int = key(range=AT_LEAST_ONE)
     num_prototypes: int = key(range=AT_LEAST_ONE)
+    # false: plain prototypes, as the public code (sharper logits); true: cosine logits
+    normalize_prototypes: bool = key(True)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     arch: str = key(range=ARCH)
     img_size: int = key(range=AT_LEAST_ONE)
@@ -87,7 +89,7 @@ class ModelConfig:
     head: HeadConfig = key()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TeacherConfig:
     mode: Literal["ema", "none", "auto"] = key()
     momentum: float = key(range=MOMENTUM)
@@ -96,7 +98,7 @@ class TeacherConfig:
     ema_mask_ratio: float | None = key(range=FRACTION)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LossConfig:
     recon: Weight = key(range=NON_NEGATIVE)
     cluster: Weight = key(range=NON_NEGATIVE)
@@ -110,9 +112,12 @@ class LossConfig:
     match_eps: float = key(range=POSITIVE)
     match_iters: int = key(range=AT_LEAST_ONE)
     match_rounding: Literal["argmax", "permutation"] = key()
+    # per_group: the CLS term sums the means over the global view, the masked views and the
+    # local crops, KoLeo sums global and masked (the public code); pooled: one mean over all
+    views: Literal["per_group", "pooled"] = key("pooled")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     source: str = key()
     num_images: int = key(range=AT_LEAST_ONE)
@@ -124,6 +129,15 @@ class DataConfig:
     num_masked_views: int = key(range=NON_NEGATIVE)
     num_local_crops: int = key(range=NON_NEGATIVE)
     mask_ratio: float = key(range=FRACTION)
+    # crops: each masked view its own global-scale crop (the public code); copies: masked
+    # copies of the first global view
+    masked_views: Literal["crops", "copies"] = key("copies")
+    # mixed: random masks, a share data.focal_prob of them biased towards a random centre
+    # with sigma drawn from data.mask_sigma_range (the public code); focal: every view
+    # Gaussian-focal with sigma data.mask_sigma
+    masking: Literal["mixed", "focal"] = key("focal")
+    focal_prob: float = key(0.5, range=PROBABILITY)
+    mask_sigma_range: Pair = key([0.1, 0.5], range=ORDERED_POSITIVE)
     mask_sigma: float = key(range=POSITIVE)
     jitter_prob: float = key(range=PROBABILITY)
     brightness: float = key(range=NON_NEGATIVE)
@@ -136,7 +150,7 @@ class DataConfig:
     num_workers: int = key(range=NON_NEGATIVE)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     device: str = key(range=DEVICE)
     batch_size: int = key(range=AT_LEAST_ONE)
@@ -155,7 +169,7 @@ class TrainConfig:
     tensorboard: bool = key(False)  # TensorBoard event files beside metrics.jsonl
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     seed: int = key(range=NON_NEGATIVE)
     kernels: Literal["torch", "triton"] | None = key()
@@ -242,6 +256,21 @@ def all_keys(schema: type = Config, prefix: str = "") -> list[str]:
         out.append(prefix + f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             out += all_keys(hints[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def defaults(schema: type = Config, prefix: str = "") -> dict:
+    """{dotted key: default} of the keys that have one (those added after the first presets:
+    a configuration written before them means their default)."""
+    out = {}
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(defaults(hints[f.name], f"{prefix}{f.name}."))
+        elif f.default is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[prefix + f.name] = f.default_factory()
     return out
 
 

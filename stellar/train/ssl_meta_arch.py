@@ -6,12 +6,16 @@ One forward pass on a batch of multi-crop views computes (paper eq. 12-13):
   low-rank features A S, MSE against the [0, 1] image.
 - cluster: the sparse tokens of the first global view against balanced
   Sinkhorn-Knopp assignments of the target tokens (matched to them).
-- align: the sparse tokens of V masked copies of the first global view
-  (colour-jittered, Gaussian-focal masking) against the target assignments
-  gathered by the matching (match_tokens, hungarian_match or none).
+- align: the sparse tokens of V masked views (data.masked_views: V global-scale
+  crops of the image, the public code's, or V copies of the first global view;
+  colour-jittered; data.masking: mixed random / Gaussian-biased masks, or all
+  Gaussian-focal) against the target assignments gathered by the matching
+  (match_tokens, hungarian_match or none).
 - cls: the CLS token of the global view, of the masked views and of the
-  local crops against the target CLS assignment.
-- koleo: KoLeo on the sparse tokens of each image (global and masked views).
+  local crops against the target CLS assignment (loss.views=per_group: the sum
+  of the three groups' means, the public code's; pooled: one mean).
+- koleo: KoLeo on the sparse tokens of each image (global and masked views;
+  per_group: the sum of the two, pooled: one mean).
 
 Colour jitter, grayscale and blur (`photometric`) change the masked views,
 the teacher's view and the local crops, as in the public code; the student's
@@ -33,7 +37,7 @@ import torch
 from torch import nn
 
 from ..data.augment import photometric
-from ..layers import focal_mask
+from ..layers import focal_mask, mixed_mask
 from ..loss import (
     cluster_cross_entropy,
     gather_targets,
@@ -143,6 +147,15 @@ class StellarSSL(nn.Module):
             logits, lc["sk_temperature"], lc["sk_iters"], backend=self.cfg.get("kernels")
         )
 
+    def _mask(
+        self, n: int, grid: tuple[int, int], ratio: float, generator: torch.Generator, device
+    ) -> torch.Tensor:
+        dc = self.cfg["data"]
+        if dc.get("masking", "focal") == "mixed":
+            lo, hi = dc["mask_sigma_range"]
+            return mixed_mask(n, *grid, ratio, dc["focal_prob"], (lo, hi), generator, device)
+        return focal_mask(n, *grid, ratio, dc["mask_sigma"], generator, device)
+
     def ema_phase(self, step: int | None) -> bool:
         """Whether the EMA teacher gives the targets at `step` (teacher.ema_steps: its last step)."""
         if self.teacher is None:
@@ -187,10 +200,12 @@ class StellarSSL(nn.Module):
         n_views = int(dc["num_masked_views"])
         masked = None
         if n_views and (w["align"] or w["cls"] or w["koleo"]):
-            mv = photometric(x1.repeat_interleave(n_views, dim=0), generator, **jitter)
-            keep = focal_mask(
-                b * n_views, *grid, mask_ratio, dc["mask_sigma"], generator, mv.device
-            )
+            if dc.get("masked_views", "copies") == "crops":
+                mv = views[:, :n_views].flatten(0, 1)  # row b*V + v: crop v of image b
+            else:
+                mv = x1.repeat_interleave(n_views, dim=0)
+            mv = photometric(mv, generator, **jitter)
+            keep = self._mask(b * n_views, grid, mask_ratio, generator, mv.device)
             masked = s.features(mv, keep)
 
         n_local = batch["local"].shape[1] if "local" in batch else 0
@@ -228,16 +243,29 @@ class StellarSSL(nn.Module):
                     if extra is not None:
                         logits.append(s.cls_head(extra.cls))
                         targets.append(q_cls.repeat_interleave(n, dim=0))
-                out["cls"] = cluster_cross_entropy(
-                    torch.cat(targets).flatten(0, 1), torch.cat(logits).flatten(0, 1), pt
-                )
+                groups = [
+                    (cluster_cross_entropy(t.flatten(0, 1), lg.flatten(0, 1), pt), len(t))
+                    for t, lg in zip(targets, logits)
+                ]
+                out["cls"] = combine_view_groups(groups, lc.get("views", "pooled"))
 
         if w["koleo"]:
             sets = [g1.sparse] + ([masked.sparse] if masked is not None else [])
-            out["koleo"] = koleo_loss(torch.cat(sets))
+            groups = [(koleo_loss(x), len(x)) for x in sets]
+            out["koleo"] = combine_view_groups(groups, lc.get("views", "pooled"))
 
         total = sum(w[k] * v for k, v in out.items())
         return {"loss": total, **out}
+
+
+def combine_view_groups(groups: list[tuple[torch.Tensor, int]], views: str) -> torch.Tensor:
+    """One term from the means of its view groups [(mean, rows), ...] (global, masked,
+    local): their sum ("per_group", each group weighing 1 as in the public code) or the
+    mean over every row ("pooled")."""
+    if views == "per_group":
+        return sum(mean for mean, _ in groups)
+    rows = sum(n for _, n in groups)
+    return sum(mean * (n / rows) for mean, n in groups)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
