@@ -179,6 +179,7 @@ KEYS = {
     "equivariance": {"shifts", "semantic_change", "spatial_change"},
     "robustness": {"scales", "cosine_distance"},
     "localization": {"miou"},
+    "segmentation": {"miou", "miou_lowrank", "iou_per_class", "iou_per_class_lowrank"},
     "visualize": {"files"},
 }
 
@@ -201,6 +202,10 @@ def test_each_task_writes_its_json(task, mini_run, tmp_path):
             assert (out / name).stat().st_size > 1000
     if task in ("linear", "knn"):
         assert 0 <= res["top1"] <= 100 and res["num_train"] == 16 and res["num_val"] == 4
+    if task == "segmentation":
+        assert 0 <= res["miou"] <= 100 and 0 <= res["miou_lowrank"] <= 100
+        assert list(res["iou_per_class"])[0] == "background"
+        assert (out / "segmentation.png").stat().st_size > 1000
 
 
 def test_random_init_flag_changes_the_result(mini_run, tmp_path):
@@ -305,3 +310,101 @@ def test_demo_writes_a_report_with_pictures(tmp_path):
     for p in pics:
         assert (out / p).stat().st_size > 1000
     assert "random init" in text and "linear top-1" in text
+
+
+# ---------------------------------------------------------------------------- segmentation
+
+
+def test_mean_iou_matches_a_direct_count(rng_seed):
+    from stellar.eval.segmentation import IGNORE, mean_iou
+
+    g = torch.Generator().manual_seed(rng_seed)
+    target = torch.randint(0, 4, (3, 9, 11), generator=g)
+    target[0, :2] = IGNORE
+    pred = torch.randint(0, 5, (3, 9, 11), generator=g)
+    miou, per_class = mean_iou(pred, target, 5)
+    t, p = target.numpy(), pred.numpy()
+    keep = t != IGNORE
+    want = []
+    for c in range(5):
+        inter = np.sum((p == c) & (t == c) & keep)
+        union = np.sum(((p == c) | (t == c)) & keep)
+        want.append(100.0 * inter / union if union else None)
+    assert per_class == pytest.approx(want)
+    assert miou == pytest.approx(np.mean([w for w in want if w is not None]))
+
+
+def test_segmentation_head_learns_a_linearly_separable_labelling():
+    """Patch features that encode the class: the head reaches a high mIoU on new images."""
+    from stellar.eval.segmentation import mean_iou, predict, train_head
+
+    g = torch.Generator().manual_seed(0)
+    classes = torch.randint(0, 3, (40, 4, 4), generator=g)
+    centres = torch.randn(3, 8, generator=g) * 3
+    feats = centres[classes] + 0.3 * torch.randn(40, 4, 4, 8, generator=g)
+    targets = classes.repeat_interleave(4, 1).repeat_interleave(4, 2)  # 16 x 16 pixels
+    head = train_head(feats[:30], targets[:30], 3, epochs=30, lr=1e-2)
+    miou, _ = mean_iou(predict(head, feats[30:], (16, 16)), targets[30:], 3)
+    assert miou > 80
+
+
+def _write_segmentation_folder(root, n=12, size=24):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        labels = np.zeros((size, size), np.uint8)
+        labels[: size // 2] = 1 + i % 2  # top half class 1 or 2, bottom background
+        labels[-2:] = 255  # ignored rows
+        image = (rng.random((size, size, 3)) * 60).astype(np.uint8)
+        image[labels == 1] += 150
+        Image.fromarray(image).save(root / "images" / f"img{i:02d}.png")
+        Image.fromarray(labels).save(root / "labels" / f"img{i:02d}.png")
+    return root
+
+
+def test_segmentation_on_a_labelled_folder(mini_run, tmp_path):
+    from stellar.eval.segmentation import IGNORE, folder_splits
+
+    root = _write_segmentation_folder(tmp_path / "seg")
+    train, val = folder_splits(root, 32, seed=0)
+    assert len(train) + len(val) == 12 and train.num_classes == 3
+    item = train[0]
+    assert item["image"].shape == (3, 32, 32) and item["target"].shape == (32, 32)
+    assert set(item["target"].unique().tolist()) <= {0, 1, 2, IGNORE}
+    out = tmp_path / "out"
+    args = ["segmentation", "--checkpoint", str(mini_run), "--output-dir", str(out)]
+    assert cli.main([*args, "--data", str(root), "--seg-epochs", "2", "--no-progress"]) == 0
+    res = json.loads((out / "segmentation.json").read_text())
+    assert res["num_train"] == len(train) and res["num_val"] == len(val)
+    assert 0 <= res["miou"] <= 100
+
+
+def test_segmentation_folder_without_label_maps_is_one_line(mini_run, tmp_path, capsys):
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    args = ["segmentation", "--checkpoint", str(mini_run), "--output-dir", str(tmp_path / "o")]
+    assert cli.main([*args, "--data", str(root)]) == 1
+    assert "needs images/ and labels/" in capsys.readouterr().err
+
+
+def test_augmented_linear_probe_draws_new_views_every_epoch(mini_run, tmp_path):
+    from stellar.eval.linear import AugmentedViews
+
+    data = build_data("shapes", 32, num_images=10, seed=0)
+    views = AugmentedViews(data.train, 32, train=True)
+    first = views[0]["image"]
+    views.epoch = 1
+    assert first.shape == (3, 32, 32) and not torch.equal(first, views[0]["image"])
+    views.epoch = 0
+    assert torch.equal(first, views[0]["image"])  # seeded per epoch and image
+    centre = AugmentedViews(data.val, 32, train=False)
+    assert torch.equal(centre[0]["image"], centre[0]["image"])
+    out = tmp_path / "aug"
+    args = ["linear", "--augment", "--checkpoint", str(mini_run), "--output-dir", str(out)]
+    assert cli.main([*args, *BASE]) == 0
+    res = json.loads((out / "linear.json").read_text())
+    assert res["protocol"].startswith("augmented") and res["epochs"] == 3
+    assert 0 <= res["top1"] <= 100 and res["num_train"] == 16 and res["num_val"] == 4

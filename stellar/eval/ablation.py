@@ -80,7 +80,7 @@ def run_ablation(args, out: Path) -> dict:
             "sparse",
             args.batch_size,
             args.lrs or DEFAULT_LRS,
-            args.epochs,
+            args.epochs or 100,
             args.seed,
             progress,
         )["top1"]

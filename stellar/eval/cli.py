@@ -3,9 +3,9 @@
     stellar-eval TASK --checkpoint RUN_DIR_OR_FILE [--data shapes|PATH] --output-dir DIR
                  [--random-init] [options]
 
-TASK: linear, knn, reconstruction, equivariance, robustness, localization,
-visualize, tokens (--runs RUN ...), ablation (--preset tiny), all (linear,
-knn, reconstruction, equivariance, robustness, localization, visualize).
+TASK: linear (--augment: the public protocol), knn, reconstruction, equivariance,
+robustness, localization, segmentation, visualize, tokens (--runs RUN ...), ablation
+(--preset tiny), all (every image task).
 Each task writes DIR/TASK.json (plus its pictures) and prints a short table.
 --random-init evaluates the same architecture with fresh weights (the baseline).
 """
@@ -31,6 +31,7 @@ IMAGE_TASKS = (
     "equivariance",
     "robustness",
     "localization",
+    "segmentation",
     "visualize",
 )
 TASKS = IMAGE_TASKS + ("tokens", "ablation", "all")
@@ -74,9 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("linear / knn")
     g.add_argument("--features", choices=FEATURE_TYPES, default="sparse", help="what is probed")
     g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates")
-    g.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
+    g.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="linear probe epochs (default: 100; 30 with --augment)",
+    )
+    g.add_argument(
+        "--augment",
+        action="store_true",
+        help="linear: the public protocol, training on augmented views (random resized crop "
+        "0.2-1 + flip) every epoch, centre crops for scoring, AdamW at the first --lrs "
+        "(default 1e-3); slower than the default probe on features extracted once",
+    )
     g.add_argument("--k", type=int, default=20, help="k-NN neighbours")
     g.add_argument("--temperature", type=float, default=0.07, help="k-NN temperature")
+    g = p.add_argument_group("segmentation")
+    g.add_argument(
+        "--seg-epochs", type=int, default=20, help="epochs of the two BatchNorm + linear heads"
+    )
     g = p.add_argument_group("equivariance / robustness / visualize")
     g.add_argument("--shifts", type=_floats, default=None, help="pixels (default: 5..30 scaled)")
     g.add_argument(
@@ -102,6 +119,23 @@ def build_parser() -> argparse.ArgumentParser:
 def run_image_task(task: str, model, args, out: Path) -> dict:
     progress = not args.no_progress
     size = args.image_size or int(model.config["img_size"])
+    if task == "segmentation":
+        from .segmentation import evaluate_segmentation, folder_splits, scene_splits
+
+        if args.data is None or str(args.data) == "shapes":
+            train, val = scene_splits(args.num_images, size, args.seed)
+        else:
+            train, val = folder_splits(args.data, size, args.seed, args.val_data)
+        return evaluate_segmentation(
+            model,
+            train,
+            val,
+            args.batch_size,
+            args.seg_epochs,
+            seed=args.seed,
+            progress=progress,
+            out_dir=out,
+        )
     if task == "equivariance" and args.image_size is None:
         size = int(round(1.5 * int(model.config["img_size"])))
     data = build_data(
@@ -113,6 +147,20 @@ def run_image_task(task: str, model, args, out: Path) -> dict:
         render_size=max(size, round(1.5 * int(model.config["img_size"]))),
         with_masks=task == "localization",
     )
+    if task == "linear" and args.augment:
+        from .linear import AUGMENT_EPOCHS, AUGMENT_LR, evaluate_linear_augmented
+
+        lr = args.lrs[0] if args.lrs else AUGMENT_LR
+        return evaluate_linear_augmented(
+            model,
+            data,
+            args.features,
+            args.batch_size,
+            lr,
+            args.epochs or AUGMENT_EPOCHS,
+            args.seed,
+            progress,
+        )
     if task == "linear":
         from .linear import DEFAULT_LRS, evaluate_linear
 
@@ -122,7 +170,7 @@ def run_image_task(task: str, model, args, out: Path) -> dict:
             args.features,
             args.batch_size,
             args.lrs or DEFAULT_LRS,
-            args.epochs,
+            args.epochs or 100,
             args.seed,
             progress,
         )

@@ -110,3 +110,107 @@ def evaluate_linear(
     )
     res["features"] = features
     return res
+
+
+# ---------------------------------------------------------------------------- augmented views
+
+AUGMENT_SCALE = (0.2, 1.0)
+AUGMENT_LR = 1e-3
+AUGMENT_EPOCHS = 30
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """The public probe's views of an EvalImages split: for training a random resized crop
+    (scale 0.2-1) with a flip, new every epoch; for evaluation the shorter side resized to
+    size * 256/224 and a centre crop (resize 256 / crop 224 at 224)."""
+
+    def __init__(self, images, size: int, train: bool, seed: int = 0) -> None:
+        self.images, self.size, self.train, self.seed = images, size, train, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict | None:
+        from PIL import Image
+
+        from ..data.augment import crop_view
+        from ..data.loader import derive_seed
+
+        j = self.images.indices[i]
+        try:
+            img, label = self.images.base.load(j, self.size)
+        except (OSError, ValueError):
+            return None  # unreadable: skipped, as the frozen probe skips it
+        if self.train:
+            rng = np.random.default_rng(derive_seed(self.seed, 11, self.epoch, j))
+            view = crop_view(img, rng, self.size, AUGMENT_SCALE)
+        else:
+            short = round(self.size * 256 / 224)
+            scale = short / min(img.width, img.height)
+            img = img.resize(
+                (max(short, round(img.width * scale)), max(short, round(img.height * scale))),
+                Image.BICUBIC,
+            )
+            left, top = (img.width - self.size) // 2, (img.height - self.size) // 2
+            img = img.crop((left, top, left + self.size, top + self.size))
+            view = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return {"image": view.float() / 255.0, "label": label, "index": j}
+
+
+def evaluate_linear_augmented(
+    model,
+    data,
+    features: str = "sparse",
+    batch_size: int = 64,
+    lr: float = AUGMENT_LR,
+    epochs: int = AUGMENT_EPOCHS,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """The public code's linear probe: LayerNorm + Linear on the frozen model's pooled
+    `features`, AdamW (lr, weight decay 1e-4, no schedule), trained on augmented views drawn
+    anew every epoch (`AugmentedViews`), scored on centre crops of the evaluation split."""
+    from tqdm import tqdm
+
+    from .features import collate, extract, pool_features
+
+    size = data.train.size
+    train = AugmentedViews(data.train, size, train=True, seed=seed)
+    val = extract(
+        model, AugmentedViews(data.val, size, False), (features,), batch_size, "val", progress
+    )
+    num_classes = max(len(data.classes), int(val["labels"].max()) + 1)
+    device = next(model.parameters()).device
+    dim = val[features].shape[1]
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    probe = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+    torch.random.set_rng_state(torch_state)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(seed)
+    for epoch in tqdm(range(epochs), desc="augmented probe", leave=False, disable=not progress):
+        train.epoch = epoch
+        order = torch.randperm(len(train), generator=gen).tolist()
+        for start in range(0, len(order), batch_size):
+            batch = collate([train[i] for i in order[start : start + batch_size]])
+            if batch is None:
+                continue
+            with torch.no_grad():
+                x = pool_features(model.encode(batch["image"].to(device)), features).float().cpu()
+            loss = loss_fn(probe(x), batch["label"].long())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    probe.eval()
+    return {
+        "top1": accuracy(probe, val[features], val["labels"]),
+        "lr": float(lr),
+        "epochs": int(epochs),
+        "protocol": "augmented views every epoch (random resized crop 0.2-1 + flip)",
+        "features": features,
+        "num_train": len(train),
+        "num_val": int(len(val["labels"])),
+        "num_classes": int(num_classes),
+    }

@@ -28,7 +28,7 @@ def evaluate_run(run, args, progress: bool = True) -> dict:
         "sparse",
         args.batch_size,
         args.lrs or DEFAULT_LRS,
-        args.epochs,
+        args.epochs or 100,
         args.seed,
         progress,
     )
