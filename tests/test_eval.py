@@ -178,7 +178,7 @@ KEYS = {
     "reconstruction": {"mse", "psnr", "ssim"},
     "equivariance": {"shifts", "semantic_change", "spatial_change"},
     "robustness": {"scales", "cosine_distance"},
-    "localization": {"miou"},
+    "localization": {"miou", "a_max_mean", "a_max_above_half"},
     "segmentation": {"miou", "miou_lowrank", "iou_per_class", "iou_per_class_lowrank"},
     "visualize": {"files"},
 }
@@ -202,6 +202,8 @@ def test_each_task_writes_its_json(task, mini_run, tmp_path):
             assert (out / name).stat().st_size > 1000
     if task in ("linear", "knn"):
         assert 0 <= res["top1"] <= 100 and res["num_train"] == 16 and res["num_val"] == 4
+    if task == "localization":  # a softmax over K = 4 tokens: its maximum is in [1/4, 1]
+        assert 0.25 - 1e-6 <= res["a_max_mean"] <= 1 and 0 <= res["a_max_above_half"] <= 100
     if task == "segmentation":
         assert 0 <= res["miou"] <= 100 and 0 <= res["miou_lowrank"] <= 100
         assert list(res["iou_per_class"])[0] == "background"

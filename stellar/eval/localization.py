@@ -40,11 +40,16 @@ def evaluate_localization(model, dataset, batch_size: int = 64, progress: bool =
     device = next(model.parameters()).device
     ious: list[float] = []
     dominant: list[float] = []
+    top_sum, confident, patches = 0.0, 0, 0
     for batch in batches(dataset, batch_size, "localization", progress):
         if "masks" not in batch:
             raise ValueError("localization needs object masks: use --data shapes")
         images = batch["image"].to(device)
         out = model.encode(images)
+        top = out["spatial"].float().amax(dim=-1)  # each patch's largest A over the tokens
+        top_sum += top.sum().item()
+        confident += int((top > 0.5).sum())
+        patches += top.numel()
         grid = model.encoder.grid_size(images.shape[-2], images.shape[-1])
         regions = token_regions(out["spatial"].float().cpu(), grid, tuple(images.shape[-2:]))
         masks = batch["masks"]
@@ -55,6 +60,10 @@ def evaluate_localization(model, dataset, batch_size: int = 64, progress: bool =
     return {
         "miou": 100.0 * sum(ious) / max(1, len(ious)),
         "miou_dominant": 100.0 * sum(dominant) / max(1, len(dominant)),
+        # How sharp A is: the mean over patches of max_k A, and the share of patches whose
+        # top token takes more than half (what the thresholded token maps can show).
+        "a_max_mean": top_sum / max(1, patches),
+        "a_max_above_half": 100.0 * confident / max(1, patches),
         "num_objects": len(ious),
         "num_images": len(dominant),
     }
