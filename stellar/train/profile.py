@@ -23,7 +23,6 @@ import torch
 import stellar_kernels as sk
 from stellar_kernels.testing import median_ms
 
-from ..layers import focal_mask
 from .config import apply_overrides, load_preset
 from .ssl_meta_arch import StellarSSL, momentum_at
 
@@ -82,7 +81,7 @@ def component_times(
     v = d["num_masked_views"]
     x = torch.rand(batch, 3, d["global_size"], d["global_size"], device=device)
     grid = s.encoder.grid_size(x.shape[-2], x.shape[-1])
-    keep = focal_mask(batch * v, *grid, d["mask_ratio"], d["mask_sigma"], device=device)
+    keep = ssl.mask(batch * v, grid, d["mask_ratio"], torch.Generator().manual_seed(0), device)
     xv = x.repeat_interleave(v, dim=0)
     times: dict[str, float] = {}
     with torch.no_grad(), _autocast(cfg, device):

@@ -147,9 +147,10 @@ class StellarSSL(nn.Module):
             logits, lc["sk_temperature"], lc["sk_iters"], backend=self.cfg.get("kernels")
         )
 
-    def _mask(
+    def mask(
         self, n: int, grid: tuple[int, int], ratio: float, generator: torch.Generator, device
     ) -> torch.Tensor:
+        """Kept-patch indices (n, n_keep) of n masked views, by data.masking."""
         dc = self.cfg["data"]
         if dc.get("masking", "focal") == "mixed":
             lo, hi = dc["mask_sigma_range"]
@@ -205,7 +206,7 @@ class StellarSSL(nn.Module):
             else:
                 mv = x1.repeat_interleave(n_views, dim=0)
             mv = photometric(mv, generator, **jitter)
-            keep = self._mask(b * n_views, grid, mask_ratio, generator, mv.device)
+            keep = self.mask(b * n_views, grid, mask_ratio, generator, mv.device)
             masked = s.features(mv, keep)
 
         n_local = batch["local"].shape[1] if "local" in batch else 0
