@@ -187,13 +187,13 @@ def test_ema_stage_then_the_students_own_targets(monkeypatch):
     import stellar.train.ssl_meta_arch as arch
 
     ratios = []
-    real_mask = arch.mixed_mask
+    real_mask = arch.StellarSSL.mask
 
-    def recording_mask(batch, h, w, ratio, *args):
+    def recording_mask(self, n, grid, ratio, *args):
         ratios.append(ratio)
-        return real_mask(batch, h, w, ratio, *args)
+        return real_mask(self, n, grid, ratio, *args)
 
-    monkeypatch.setattr(arch, "mixed_mask", recording_mask)
+    monkeypatch.setattr(arch.StellarSSL, "mask", recording_mask)
     cfg = mini_config("teacher.ema_steps=1", "teacher.ema_mask_ratio=0.5")
     torch.manual_seed(0)
     ssl = StellarSSL(cfg)
