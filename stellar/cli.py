@@ -54,11 +54,15 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+def is_device_name(name: str) -> bool:
+    return name in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", name) is not None
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """`auto` is cuda:LOCAL_RANK when CUDA is available, else the CPU."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if name != "cpu" and not re.fullmatch(r"cuda(:\d+)?", name):
+    if not is_device_name(name):
         raise ConfigError(f"device {name!r} is not one of: {DEVICE_HELP}")
     device = torch.device(name)
     if device.type == "cuda":

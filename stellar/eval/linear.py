@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+
+from ..data.augment import crop_view
+from ..data.loader import derive_seed
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
@@ -132,11 +136,6 @@ class AugmentedViews(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> dict | None:
-        from PIL import Image
-
-        from ..data.augment import crop_view
-        from ..data.loader import derive_seed
-
         j = self.images.indices[i]
         try:
             img, label = self.images.base.load(j, self.size)

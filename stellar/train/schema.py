@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
 
+from ..cli import DEVICE_HELP, is_device_name
 from ..errors import ConfigError
 
 # A field's range: (test, words for the message).
@@ -39,10 +40,7 @@ def _is_timm_vit(name: str) -> bool:
 
 
 ARCH = (_is_timm_vit, "naming a timm ViT (vit_tiny_patch16_224, vit_base_patch16_224, ...)")
-DEVICE = (
-    lambda v: v in ("auto", "cpu") or re.fullmatch(r"cuda(:\d+)?", v) is not None,
-    "(auto, cpu, cuda or cuda:N)",
-)
+DEVICE = (is_device_name, f"({DEVICE_HELP})")
 
 
 def key(default: Any = dataclasses.MISSING, range: tuple | None = None, **kw) -> Any:
@@ -248,15 +246,16 @@ def _unknown(name: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown configuration key {name!r}{hint}")
 
 
-def all_keys(schema: type = Config, prefix: str = "") -> list[str]:
+@functools.cache
+def all_keys(schema: type = Config, prefix: str = "") -> tuple[str, ...]:
     """Every dotted key the schema declares (sections included)."""
-    out = []
+    out: list[str] = []
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
         out.append(prefix + f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             out += all_keys(hints[f.name], f"{prefix}{f.name}.")
-    return out
+    return tuple(out)
 
 
 def defaults(schema: type = Config, prefix: str = "") -> dict:
