@@ -40,6 +40,60 @@ def vs_baseline(name: str, ours_ms: float, baseline: str, baseline_ms: float, **
     }
 
 
+def interleaved_ms(
+    fns: list[Callable[[], object]], device: torch.device, rounds: int = 5, rep: int = 5
+) -> list[float]:
+    """Eager medians of several functions timed in alternating rounds: each function's
+    median over its rounds' medians, so that a drift of the machine during the run (a shared
+    GPU host, clocks) moves every function alike instead of deciding a ratio."""
+    per_fn: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        median_ms(fn, device, warmup=2, rep=1)
+    for _ in range(rounds):
+        for times, fn in zip(per_fn, fns):
+            times.append(median_ms(fn, device, warmup=0, rep=rep))
+    return [statistics.median(times) for times in per_fn]
+
+
+def maybe_graph_ms(fn: Callable[[], object], device: torch.device) -> float | None:
+    """graph_ms on a CUDA device, None on the CPU or where fn cannot be captured (a host
+    loop such as scipy's, a synchronizing call)."""
+    if device.type != "cuda":
+        return None
+    try:
+        return graph_ms(fn)
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+
+
+def compare(
+    name: str,
+    ours: Callable[[], object],
+    baseline_name: str,
+    baseline: Callable[[], object],
+    device: torch.device,
+    rounds: int = 5,
+    rep: int = 5,
+    **extra,
+) -> dict:
+    """One figure, ours against a baseline: eager medians from interleaved rounds, and on a
+    GPU the CUDA-graph times of both beside them (`cuda_graph_ms`, `baseline_cuda_graph_ms`,
+    `cuda_graph_speedup`), which leave the host out."""
+    ours_ms, base_ms = interleaved_ms([ours, baseline], device, rounds=rounds, rep=rep)
+    graph = {}
+    ours_graph = maybe_graph_ms(ours, device)
+    base_graph = maybe_graph_ms(baseline, device) if ours_graph is not None else None
+    if ours_graph is not None:
+        graph["cuda_graph_ms"] = round(ours_graph, 6)
+    if base_graph is not None:
+        graph["baseline_cuda_graph_ms"] = round(base_graph, 6)
+        graph["cuda_graph_speedup"] = round(base_graph / ours_graph, 3)
+    return vs_baseline(
+        name, ours_ms, baseline_name, base_ms, timing="interleaved", **graph, **extra
+    )
+
+
 def vs_floor(name: str, ours_ms: float, floor_bytes: int, bandwidth_gbs: float, **extra) -> dict:
     floor_ms = floor_bytes / (bandwidth_gbs * 1e9) * 1e3
     return {

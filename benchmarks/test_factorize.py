@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import stellar_kernels as sk
-from benchmarks.common import copy_bandwidth_gbs, median_ms, reported, vs_baseline, vs_floor
+from benchmarks.common import (
+    compare,
+    copy_bandwidth_gbs,
+    maybe_graph_ms,
+    median_ms,
+    reported,
+    vs_floor,
+)
 from stellar_kernels.reference import factorize_reference
 
 loc = importlib.import_module("stellar_kernels.localization")
@@ -176,22 +183,30 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
     inputs = make_inputs(case, bf16, device)
     grads = out_grads(case, bf16, device)
     rep = dict(rep=20 if on_gpu else 5, max_seconds=5.0 if on_gpu else 3.0)
-    ours = median_ms(partial(fwd_bwd, ours_factorize, inputs, grads), device, **rep)
-    eager = median_ms(partial(fwd_bwd, eager_factorize, inputs, grads), device, **rep)
+    rounds = {} if on_gpu else {"rounds": 2, "rep": 2}
     name = case_name(case, bf16)
+    ours_fn = partial(fwd_bwd, ours_factorize, inputs, grads)
     out.append(
-        vs_baseline(f"factorize_fwd_bwd/{name}", ours, "torch_eager", eager, ours_backend=backend)
+        compare(
+            f"factorize_fwd_bwd/{name}",
+            ours_fn,
+            "torch_eager",
+            partial(fwd_bwd, eager_factorize, inputs, grads),
+            device,
+            ours_backend=backend,
+            **rounds,
+        )
     )
     if on_gpu:
         compiled = torch.compile(eager_factorize)
         fwd_bwd(compiled, inputs, grads)  # compile before timing
-        comp = median_ms(partial(fwd_bwd, compiled, inputs, grads), device, **rep)
         out.append(
-            vs_baseline(
+            compare(
                 f"factorize_fwd_bwd_vs_compile/{name}",
-                ours,
+                ours_fn,
                 "torch_compile",
-                comp,
+                partial(fwd_bwd, compiled, inputs, grads),
+                device,
                 ours_backend=backend,
             )
         )
@@ -211,6 +226,8 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
         with torch.no_grad():
             ours = median_ms(partial(ours_factorize, *inputs), device, **rep)
             eager = median_ms(partial(eager_factorize, *inputs), device, **rep)
+            graph = maybe_graph_ms(partial(ours_factorize, *inputs), device)
+        graph_extra = {} if graph is None else {"cuda_graph_ms": round(graph, 6)}
         out.append(
             vs_floor(
                 f"factorize_fwd/{case_name(case, dtype)}",
@@ -220,6 +237,7 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
                 ours_backend=backend,
                 torch_eager_ms=round(eager, 6),
                 copy_bandwidth_gbs=round(bandwidth, 1),
+                **graph_extra,
             )
         )
     return out

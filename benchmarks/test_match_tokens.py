@@ -22,11 +22,12 @@ import torch.nn.functional as F
 
 import stellar_kernels as sk
 from benchmarks.common import (
+    compare,
     copy_bandwidth_gbs,
+    maybe_graph_ms,
     median_ms,
     paper_sinkhorn_match,
     reported,
-    vs_baseline,
     vs_floor,
 )
 from benchmarks.common import default_backend as ours_backend
@@ -137,25 +138,6 @@ def test_match_tokens_torch_reference_paper_batch(run, device, images):
 # --- fixed-name figures for benchmarks/results.py -----------------------------------------------
 
 
-def _graph_ms(fn, device: torch.device) -> float | None:
-    """Median time of fn replayed from a CUDA graph (no launch overhead), None if not capturable."""
-    if device.type != "cuda":
-        return None
-    try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return median_ms(graph.replay, device)
-    except RuntimeError:
-        return None
-
-
 def figures(device: torch.device, quick: bool = False) -> list[dict]:
     """match_tokens/B512_K16_D768 (vs torch_reference), match_tokens_vs_scipy/B512_K16_D768,
     match_tokens_floor/B512_K16_D768 and match_quality/B512_K16_D768 (8 images under --quick,
@@ -168,13 +150,11 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
     plan = sk.match_tokens(pred, target, EPS, N_ITERS, validate=False).plan
     cost = torch.cdist(pred, target.repeat_interleave(VIEWS, 0))
     torch.testing.assert_close(
-        plan, sinkhorn_match_reference(cost, EPS, N_ITERS, "argmax").plan, rtol=2e-3, atol=1e-5
+        plan, sinkhorn_match_reference(cost, EPS, N_ITERS, "argmax")[1], rtol=2e-3, atol=1e-5
     )
     timing = {} if device.type == "cuda" else {"warmup": 1, "rep": 10}
-    ours_ms = median_ms(partial(ours, pred, target), device, **timing)
+    rounds = {} if device.type == "cuda" else {"rounds": 3, "rep": 3}
     argmax_ms = median_ms(partial(ours, pred, target, "argmax"), device, **timing)
-    base_ms = median_ms(partial(torch_reference, pred, target), device, **timing)
-    scipy_ms = median_ms(partial(scipy_loop, pred, target), device, warmup=1, rep=5)
     extra = {
         "ours_backend": backend,
         "rounding": "permutation",
@@ -189,31 +169,52 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
             "no CUDA device: ours is the PyTorch path (Triton runs only in the interpreter on "
             "the CPU), i.e. cdist + the same iterations + a one-to-one rounding"
         )
+    ours_fn = partial(ours, pred, target)
     out = [
-        vs_baseline(
+        compare(
             f"match_tokens/{size}",
-            ours_ms,
+            ours_fn,
             "torch_reference",
-            base_ms,
+            partial(torch_reference, pred, target),
+            device,
             ours_argmax_ms=round(argmax_ms, 6),
+            **rounds,
             **extra,
         ),
-        vs_baseline(f"match_tokens_vs_scipy/{size}", ours_ms, "scipy_loop", scipy_ms, **extra),
+        compare(
+            f"match_tokens_vs_scipy/{size}",
+            ours_fn,
+            "scipy_loop",
+            partial(scipy_loop, pred, target),
+            device,
+            rounds=3,
+            rep=2,
+            **extra,
+        ),
     ]
+    ours_ms = out[0]["ours_ms"]
     bandwidth = copy_bandwidth_gbs(device)
     floor_bytes = pred.numel() * pred.element_size() + target.numel() * target.element_size()
-    graph_ms = _graph_ms(partial(ours, pred, target), device)
     floor_extra = {"copy_bandwidth_gbs": round(bandwidth, 1), "bytes_read": floor_bytes}
     floor_extra["floor_counts"] = "pred + target read once (outputs, 2% of it, not counted)"
-    if graph_ms is not None:
-        floor_ms = floor_bytes / (bandwidth * 1e9) * 1e3
-        floor_extra["cuda_graph_ms"] = round(graph_ms, 6)
-        floor_extra["cuda_graph_bandwidth_fraction"] = round(floor_ms / graph_ms, 4)
     out.append(
         vs_floor(
             f"match_tokens_floor/{size}", ours_ms, floor_bytes, bandwidth, **floor_extra, **extra
         )
     )
+    graph = maybe_graph_ms(ours_fn, device)
+    if graph is not None:
+        out.append(
+            vs_floor(
+                f"match_tokens_floor_graph/{size}",
+                graph,
+                floor_bytes,
+                bandwidth,
+                timing="cuda_graph",
+                **floor_extra,
+                **extra,
+            )
+        )
     out.append(match_quality(device, images, size, backend))
     return out
 

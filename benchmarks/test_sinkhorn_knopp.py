@@ -16,12 +16,13 @@ import pytest
 import torch
 
 import stellar_kernels as sk
-from benchmarks.common import copy_bandwidth_gbs, median_ms, vs_baseline, vs_floor
+from benchmarks.common import compare, copy_bandwidth_gbs, reported, vs_floor
 from benchmarks.common import default_backend as ours_backend
 from stellar_kernels.reference import sinkhorn_knopp_reference
 
 N_ITERS = 3
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PAPER_IMAGES = (4, 8, 16, 32, 64)  # the paper's batch sizes; 17 views of each image
 
 
 def torch_reference(scores: torch.Tensor) -> torch.Tensor:
@@ -99,14 +100,14 @@ def test_sinkhorn_knopp_torch_compile_N2048_P16384_fp32(run, device):
 # The paper's batch sizes (B.5): the 16 sparse tokens and the CLS token of 4 ... 64 images.
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="sinkhorn_knopp_paper_batches_P16384_fp32")
-@pytest.mark.parametrize("images", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("images", PAPER_IMAGES)
 def test_sinkhorn_knopp_ours_paper_batch(run, device, images):
     run(ours, _scores(images * 17, 16384, torch.float32, device), rounds=10)
 
 
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="sinkhorn_knopp_paper_batches_P16384_fp32")
-@pytest.mark.parametrize("images", [4, 8, 16, 32, 64])
+@pytest.mark.parametrize("images", PAPER_IMAGES)
 def test_sinkhorn_knopp_torch_reference_paper_batch(run, device, images):
     run(torch_reference, _scores(images * 17, 16384, torch.float32, device), rounds=10)
 
@@ -116,14 +117,17 @@ def test_sinkhorn_knopp_torch_reference_paper_batch(run, device, images):
 
 def figures(device: torch.device, quick: bool = False) -> list[dict]:
     """sinkhorn_knopp/N2048_P16384_{fp32,bf16}, sinkhorn_knopp_floor/N2048_P16384_fp32,
-    sinkhorn_knopp/N1024_P16384_fp32 (smaller N under --quick, named by the size measured)."""
+    sinkhorn_knopp/N1024_P16384_fp32, on a GPU sinkhorn_knopp_vs_compile/N2048_P16384_fp32
+    and sinkhorn_knopp_paper_batch/N<17 x images>_P16384_fp32 for 4-64 images (smaller N
+    under --quick, named by the size measured)."""
     backend = ours_backend(device)
-    timing = {} if device.type == "cuda" else {"warmup": 1, "rep": 5}
+    rounds = {} if device.type == "cuda" else {"rounds": 2, "rep": 2}
     extra = {"ours_backend": backend, "n_iters": N_ITERS}
     if backend == "torch":
         extra["note"] = "no CUDA device: ours is the PyTorch path, the same code as the baseline"
     out = []
     timed: dict[tuple[int, int, str], float] = {}
+    main_scores = None
     for n, p, dt in [(2048, 16384, "fp32"), (2048, 16384, "bf16"), (1024, 16384, "fp32")]:
         if quick:
             n = n // 8
@@ -131,14 +135,19 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
         q = ours(scores)
         torch.testing.assert_close(q, torch_reference(scores), rtol=1e-4, atol=1e-7)
         del q
-        ours_ms = median_ms(partial(ours, scores), device, **timing)
-        base_ms = median_ms(partial(torch_reference, scores), device, **timing)
-        timed[(n, p, dt)] = ours_ms
-        out.append(
-            vs_baseline(
-                f"sinkhorn_knopp/N{n}_P{p}_{dt}", ours_ms, "torch_reference", base_ms, **extra
-            )
+        fig = compare(
+            f"sinkhorn_knopp/N{n}_P{p}_{dt}",
+            partial(ours, scores),
+            "torch_reference",
+            partial(torch_reference, scores),
+            device,
+            **rounds,
+            **extra,
         )
+        timed[(n, p, dt)] = fig["ours_ms"]
+        out.append(fig)
+        if dt == "fp32" and main_scores is None:
+            main_scores = scores
     n, p = (2048 // 8 if quick else 2048), 16384
     bandwidth = copy_bandwidth_gbs(device)
     floor_bytes = n * p * 4 + n * p * 4  # read the fp32 scores once, write q once
@@ -154,4 +163,39 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
             **extra,
         ),
     )
+    if device.type != "cuda":
+        out.append(
+            reported(
+                f"sinkhorn_knopp_vs_compile/N{n}_P{p}_fp32",
+                not_measured="CPU run: torch.compile on the CPU would time inductor's CPU code",
+                **extra,
+            )
+        )
+        return out
+    compiled = torch.compile(torch_reference)
+    torch.testing.assert_close(compiled(main_scores), torch_reference(main_scores))
+    out.append(
+        compare(
+            f"sinkhorn_knopp_vs_compile/N{n}_P{p}_fp32",
+            partial(ours, main_scores),
+            "torch_compile",
+            partial(compiled, main_scores),
+            device,
+            **extra,
+        )
+    )
+    del main_scores
+    for images in PAPER_IMAGES:
+        scores = _scores(images * 17, p, torch.float32, device)
+        out.append(
+            compare(
+                f"sinkhorn_knopp_paper_batch/N{images * 17}_P{p}_fp32",
+                partial(ours, scores),
+                "torch_reference",
+                partial(torch_reference, scores),
+                device,
+                images=images,
+                **extra,
+            )
+        )
     return out

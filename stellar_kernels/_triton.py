@@ -1,5 +1,6 @@
 """What every Triton operator shares: the import of triton (optional), the device guard,
-the multiprocessor count, and the tuner of launch configurations.
+the multiprocessor count, the launcher that binds a kernel once per configuration, and the
+tuner of launch configurations.
 
 Without triton the package still imports: `triton.jit` then returns the function
 unchanged, so the kernel definitions stay importable, and only backend="torch" works.
@@ -55,6 +56,122 @@ def sm_count(device: torch.device) -> int:
         return 2
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _cuda_sm_count(index)
+
+
+# ----------------------------------------------------------------------------- launching
+
+LAUNCH_CACHE = os.environ.get("STELLAR_KERNELS_LAUNCH_CACHE", "1") != "0"
+"""Whether `bound_launch` kernels launch through their cached compiled kernel (else always
+through Triton's own `kernel[grid](...)`); read at import."""
+
+_NORMAL_PATH = object()
+"""The cache entry of a configuration whose compiled kernel offers no launcher to call."""
+
+
+def _spec(arg: object) -> object:
+    """What Triton specializes a kernel on for one argument (a superset is safe: it only
+    splits the cache): a tensor's dtype and 16-byte alignment, an integer's width,
+    equality to one and divisibility by 16; the value of anything else."""
+    if isinstance(arg, torch.Tensor):
+        return arg.dtype, arg.data_ptr() % 16 == 0
+    if type(arg) is int:
+        return arg == 1, arg % 16 == 0, -(2**31) <= arg < 2**31, arg >= 2**63
+    if type(arg) is float:
+        return float
+    return arg
+
+
+class BoundLaunch:
+    """A @triton.jit kernel launched through its compiled kernel, bound once per configuration.
+
+    `kernel[grid](*args, **constexprs)` through Triton binds every argument, computes its
+    specialization key and looks the compiled kernel up on each call: host time that exceeds
+    the GPU time of a small kernel. Here the first call of a configuration (the constexprs,
+    launch options and what Triton specializes each argument on) goes through Triton and
+    keeps the compiled kernel that it returns; later calls with that configuration call the
+    compiled kernel's launcher as Triton itself does, with the launch hooks that Triton would
+    pass (so profilers still see each launch).
+
+    Where the call does not return a compiled kernel with a launcher (the interpreter, a
+    Triton release whose internals moved), that configuration keeps the normal path.
+    """
+
+    def __init__(self, kernel: Callable) -> None:
+        self.fn = kernel  # testing.compile_for_gpu and the interpreter reach the kernel here
+        self.bound: dict[tuple, object] = {}
+        self._params: list[str] | None = None
+        # The interpreter's kernels (TRITON_INTERPRET=1 when they were defined) run on the CPU.
+        self.compiles = HAS_TRITON and isinstance(kernel, triton.runtime.jit.JITFunction)
+
+    def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
+        return functools.partial(self.launch, grid)
+
+    def _names(self) -> list[str]:
+        if self._params is None:
+            self._params = list(getattr(self.fn, "arg_names", ()))
+        return self._params
+
+    def launch(self, grid: tuple[int, ...], *args: object, **meta: object) -> None:
+        if not (LAUNCH_CACHE and self.compiles):
+            self.fn[grid](*args, **meta)
+            return
+        device = torch.cuda.current_device()
+        key = (device, *map(_spec, args), *meta.items())
+        bound = self.bound.get(key)
+        if bound is None:
+            self.bound[key] = self._bind(self.fn[grid](*args, **meta), len(args), meta)
+            return
+        if bound is _NORMAL_PATH:
+            self.fn[grid](*args, **meta)
+            return
+        run, function, packed, metadata, tail, current_stream, hooks = bound
+        full = (*args, *(meta[name] for name in tail))
+        stream = current_stream(device)
+        run(
+            grid[0],
+            grid[1] if len(grid) > 1 else 1,
+            grid[2] if len(grid) > 2 else 1,
+            stream,
+            function,
+            packed,
+            metadata(grid, stream, *full),
+            hooks.launch_enter_hook,
+            hooks.launch_exit_hook,
+            *full,
+        )
+
+    def _bind(self, compiled: object, n_args: int, meta: dict) -> object:
+        """What `launch` calls for one configuration, from the compiled kernel Triton returned."""
+        names = self._names()
+        tail = tuple(names[n_args:])
+        if not names or set(tail) - set(meta):
+            return _NORMAL_PATH
+        try:
+            from triton import knobs
+
+            return (
+                compiled.run,
+                compiled.function,
+                compiled.packed_metadata,
+                compiled.launch_metadata,
+                tail,
+                stream_getter(),
+                knobs.runtime,
+            )
+        except (AttributeError, ImportError):
+            return _NORMAL_PATH
+
+
+def stream_getter() -> Callable[[int], int]:
+    """Triton's function from a device index to the raw handle of its current stream."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream
+
+
+def bound_launch(kernel: Callable) -> BoundLaunch:
+    """Decorator (above @triton.jit): launch `kernel` through `BoundLaunch`."""
+    return BoundLaunch(kernel)
 
 
 # ----------------------------------------------------------------------------- tuning

@@ -25,7 +25,7 @@ on both paths.
 import torch
 
 from ._backend import resolve_backend, triton_interpreting
-from ._triton import on_device, sm_count, tl, triton
+from ._triton import bound_launch, on_device, sm_count, tl, triton
 from ._validation import check_no_nan, check_positive, check_same_device, check_tensor, checking
 from .reference import factorize_reference, localization_reference
 
@@ -100,6 +100,7 @@ def _softmax_rows(cos, kmask, temperature):
     return e / tl.sum(e, axis=1)[:, None]
 
 
+@bound_launch
 @triton.jit
 def _factorize_fwd_kernel(
     dense_ptr,
@@ -190,6 +191,7 @@ def _factorize_fwd_kernel(
         )
 
 
+@bound_launch
 @triton.jit
 def _factorize_bwd_kernel(
     dense_ptr,
@@ -318,6 +320,7 @@ def _factorize_bwd_kernel(
     tl.store(h_part_ptr + part * K + ks, h, mask=kmask)
 
 
+@bound_launch
 @triton.jit
 def _factorize_bwd_reduce_kernel(
     sparse_ptr,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import resolve_backend
-from ._triton import autotune, on_device, tl, triton, tune_key
+from ._triton import autotune, bound_launch, on_device, tl, triton, tune_key
 from ._validation import check_finite, check_same_device, check_tensor, checking
 from .reference import euclidean_cost_reference, match_tokens_reference
 from .sinkhorn_match import (
@@ -40,6 +40,7 @@ from .sinkhorn_match import (
 )
 
 
+@bound_launch
 @triton.jit(do_not_specialize=["permutation"])
 def _match_tokens_kernel(
     pred_ptr,

@@ -63,7 +63,7 @@ import torch
 import torch.distributed as dist
 
 from ._backend import resolve_backend
-from ._triton import on_device, sm_count, tl, triton
+from ._triton import autotune, bound_launch, on_device, sm_count, tl, triton, tune_key
 from ._validation import (
     check_iterations,
     check_positive,
@@ -88,6 +88,7 @@ def distributed_group(group: object | None, local: bool) -> object | None:
 # ----------------------------------------------------------------------------------------------
 
 
+@bound_launch
 @triton.jit
 def _sk_colstats_kernel(
     s_ptr,
@@ -137,6 +138,7 @@ def _sk_colstats_kernel(
     tl.atomic_max(flag_ptr, tl.max(bad, axis=0))
 
 
+@bound_launch
 @triton.jit
 def _sk_reduce_kernel(
     pmax_ptr,
@@ -193,6 +195,7 @@ def _sk_reduce_kernel(
         tl.store(colsum_ptr + cols, acc, mask=cmask)
 
 
+@bound_launch
 @triton.jit
 def _sk_rows_resident_kernel(
     s_ptr,
@@ -209,6 +212,7 @@ def _sk_rows_resident_kernel(
     LAST: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """Row step (+ next column sums, or the output) with whole rows on chip (BLOCK_P >= P).
 
@@ -216,6 +220,10 @@ def _sk_rows_resident_kernel(
     gives e = exp(s - m + b + a), the row sums r, the new a = a - log(r + eps)
     and, from the same registers, e / (r + eps): summed over the rows into this
     program's partial column sums, or (LAST) stored as q.
+
+    PREFETCH: the load of the program's next row block is issued before the current one
+    is reduced, so that a read is in flight while the row sums are formed (two blocks in
+    registers; the launcher times both forms and keeps the faster).
     """
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -225,17 +233,36 @@ def _sk_rows_resident_kernel(
     cmask = cols < P
     col_off = cols.to(tl.int64) * stride_p
     col_acc = tl.zeros([1, BLOCK_P], tl.float32)
+    block_rows = tl.arange(0, BLOCK_N)[:, None]
+    if PREFETCH:
+        ahead = pid * BLOCK_N + block_rows
+        s_ahead = tl.load(
+            s_ptr + ahead.to(tl.int64) * stride_n + col_off,
+            mask=(ahead < N) & cmask,
+            other=float("-inf"),
+            eviction_policy="evict_first",
+        )
     for blk in range(pid, n_blocks, n_prog):
-        rows = blk * BLOCK_N + tl.arange(0, BLOCK_N)[:, None]
+        rows = blk * BLOCK_N + block_rows
         rmask = rows < N
         rows64 = rows.to(tl.int64)
         mask = rmask & cmask
-        s = tl.load(
-            s_ptr + rows64 * stride_n + col_off,
-            mask=mask,
-            other=float("-inf"),
-            eviction_policy="evict_first",
-        ).to(tl.float32)
+        if PREFETCH:
+            s = s_ahead.to(tl.float32)
+            ahead = rows + n_prog * BLOCK_N  # past N on the last block: nothing is read
+            s_ahead = tl.load(
+                s_ptr + ahead.to(tl.int64) * stride_n + col_off,
+                mask=(ahead < N) & cmask,
+                other=float("-inf"),
+                eviction_policy="evict_first",
+            )
+        else:
+            s = tl.load(
+                s_ptr + rows64 * stride_n + col_off,
+                mask=mask,
+                other=float("-inf"),
+                eviction_policy="evict_first",
+            ).to(tl.float32)
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
         a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
@@ -251,6 +278,7 @@ def _sk_rows_resident_kernel(
         tl.store(part_ptr + pid.to(tl.int64) * P + cols, col_acc, mask=cmask)
 
 
+@bound_launch
 @triton.jit
 def _sk_rows_chunked_kernel(
     s_ptr,
@@ -335,6 +363,19 @@ def resident_config(P: int) -> tuple[int, int, int]:
     return block_n, block_p, num_warps
 
 
+def resident_candidates(num_warps: int) -> list[tuple[int, int]]:
+    """(PREFETCH, num_warps) that the resident kernel may run with; the first is the untimed
+    default. Both forms are also tried with twice the warps (half the registers per thread
+    for a row block: a 16384-wide row spills at 16 warps with some compilers)."""
+    more = [(0, 2 * num_warps), (1, 2 * num_warps)] if num_warps < 32 else []
+    return [(0, num_warps), (1, num_warps), *more]
+
+
+def resident_programs(N: int, block_n: int, num_warps: int, n_sm: int) -> int:
+    """Persistent programs of the resident kernel: about 16 warps per multiprocessor."""
+    return min(triton.cdiv(N, block_n), n_sm * max(1, 16 // num_warps))
+
+
 def sinkhorn_knopp_triton(
     scores: torch.Tensor, n_iters: int, scale: float, eps: float, group: object | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -398,10 +439,28 @@ def sinkhorn_knopp_triton(
         # Passes 2..n_iters+1: row step, then the next column sums or (last) q.
         if max(16, triton.next_power_of_2(P)) <= MAX_RESIDENT_P:
             block_n, block_p, num_warps = resident_config(P)
+            options = {"BLOCK_N": block_n, "BLOCK_P": block_p}
+            if N:
+                # Timed on row duals of its own (a pass updates them); the partial sums it
+                # writes land in q's memory, which the last pass overwrites.
+                probe = torch.zeros_like(a)
+
+                def timed(cfg: tuple[int, int]) -> None:
+                    prefetch, warps = cfg
+                    n = resident_programs(N, block_n, warps, n_sm)
+                    _sk_rows_resident_kernel[(n,)](
+                        scores, m, b, probe, scratch[: n * P], q, N, P, stride_n, stride_p,
+                        eps, LAST=False, PREFETCH=prefetch, num_warps=warps, **options,
+                    )  # fmt: skip
+
+                key = tune_key("sinkhorn_knopp_rows", device, scores.dtype, N, P)
+                prefetch, num_warps = autotune(key, resident_candidates(num_warps), timed, device)
+                options["PREFETCH"] = prefetch
             kernel = _sk_rows_resident_kernel
-            n_prog = min(triton.cdiv(N, block_n), n_sm * max(1, 16 // num_warps))
+            n_prog = resident_programs(N, block_n, num_warps, n_sm)
         else:
             block_n, block_p, num_warps = CHUNKED_BLOCK_N, CHUNKED_BLOCK_P, CHUNKED_WARPS
+            options = {"BLOCK_N": block_n, "BLOCK_P": block_p}
             kernel = _sk_rows_chunked_kernel
             n_prog = triton.cdiv(N, block_n)
         part = scratch[: n_prog * P]  # n_prog <= N
@@ -410,7 +469,7 @@ def sinkhorn_knopp_triton(
             if N:
                 kernel[(n_prog,)](
                     scores, m, b, a, part, q, N, P, stride_n, stride_p, eps,
-                    LAST=last, BLOCK_N=block_n, BLOCK_P=block_p, num_warps=num_warps,
+                    LAST=last, num_warps=num_warps, **options,
                 )  # fmt: skip
             if last:
                 break

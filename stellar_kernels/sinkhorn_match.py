@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from ._backend import resolve_backend
-from ._triton import autotune, on_device, tl, triton, tune_key
+from ._triton import autotune, bound_launch, on_device, tl, triton, tune_key
 from ._validation import (
     check_choice,
     check_costs,
@@ -154,6 +154,7 @@ def store_plan_and_index(
 # ----------------------------------------------------------------------------- kernels
 
 
+@bound_launch
 @triton.jit(do_not_specialize=["permutation"])
 def _sinkhorn_tile_kernel(
     cost_ptr,
@@ -246,6 +247,7 @@ def _row_best(
     return best, arg
 
 
+@bound_launch
 @triton.jit(do_not_specialize=["permutation"])
 def _sinkhorn_loop_kernel(
     cost_ptr,

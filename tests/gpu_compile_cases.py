@@ -65,13 +65,18 @@ def match_tokens_cases() -> list[tuple[str, object, dict, int]]:
     return cases
 
 
-def _row_args(s: torch.Tensor, block_n: int, block_p: int, last: bool) -> dict:
+def _row_args(
+    s: torch.Tensor, block_n: int, block_p: int, last: bool, prefetch: int | None = None
+) -> dict:
     f32 = torch.empty(1)
-    return dict(
+    args = dict(
         s_ptr=s, m_ptr=f32, b_ptr=f32, a_ptr=f32, part_ptr=f32, q_ptr=f32,
         N=1000, P=1000, stride_n=1000, stride_p=1, eps=1e-8,
         LAST=last, BLOCK_N=block_n, BLOCK_P=block_p,
     )  # fmt: skip
+    if prefetch is not None:  # the resident kernel's
+        args["PREFETCH"] = prefetch
+    return args
 
 
 def sinkhorn_knopp_cases() -> list[tuple[str, object, dict, int]]:
@@ -101,16 +106,17 @@ def sinkhorn_knopp_cases() -> list[tuple[str, object, dict, int]]:
     resident = [1 << k for k in range(4, skm.MAX_RESIDENT_P.bit_length())]
     for last in (False, True):
         for block_p in resident:
-            block_n, block_p, warps = skm.resident_config(block_p)
-            args = _row_args(f32, block_n, block_p, last)
-            cases.append(
-                (f"resident/P{block_p}/last={last}", skm._sk_rows_resident_kernel, args, warps)
-            )
-        block_n, block_p, warps = skm.resident_config(skm.MAX_RESIDENT_P)
+            block_n, block_p, default_warps = skm.resident_config(block_p)
+            for prefetch, warps in skm.resident_candidates(default_warps):
+                args = _row_args(f32, block_n, block_p, last, prefetch)
+                label = f"resident/P{block_p}/last={last}/prefetch={prefetch}/warps={warps}"
+                cases.append((label, skm._sk_rows_resident_kernel, args, warps))
+        block_n, block_p, default_warps = skm.resident_config(skm.MAX_RESIDENT_P)
         for s in scores[1:]:
-            args = _row_args(s, block_n, block_p, last)
-            label = f"resident/{s.dtype}/last={last}"
-            cases.append((label, skm._sk_rows_resident_kernel, args, warps))
+            for prefetch, warps in skm.resident_candidates(default_warps):
+                args = _row_args(s, block_n, block_p, last, prefetch)
+                label = f"resident/{s.dtype}/last={last}/prefetch={prefetch}/warps={warps}"
+                cases.append((label, skm._sk_rows_resident_kernel, args, warps))
         for s in scores:
             args = _row_args(s, skm.CHUNKED_BLOCK_N, skm.CHUNKED_BLOCK_P, last)
             label = f"chunked/{s.dtype}/last={last}"

@@ -112,6 +112,19 @@ def test_triton_chunked_rows(rng_seed, monkeypatch, n, p, n_iters, scale):
 
 
 @needs_triton
+@pytest.mark.parametrize("n,p,dtype", [(37, 53, torch.float32), (5, 300, torch.bfloat16)])
+def test_triton_prefetching_rows(rng_seed, monkeypatch, n, p, dtype):
+    """The resident kernel's prefetching form (each program reads its next row block ahead),
+    more programs than blocks for some: the same result as float64 math."""
+    scores = (torch.randn(n, p) * 3).to(dtype).to(DEVICE)
+    monkeypatch.setattr(skm, "resident_candidates", lambda warps: [(1, warps)])
+    monkeypatch.setattr(skm, "RESIDENT_TILE", 64)  # several row blocks per program
+    q, flag = skm.sinkhorn_knopp_triton(scores, 3, 1.0, 1e-8, None)
+    check_float64(q, scores, 3, 1.0)
+    assert flag.item() == 0
+
+
+@needs_triton
 def test_triton_huge_logits_stay_finite(rng_seed):
     scores = (torch.randn(50, 80) * 400).to(DEVICE)
     q = sk.sinkhorn_knopp(scores, backend="triton")

@@ -332,6 +332,28 @@ def test_loss_falls_from_the_first_steps(tmp_path):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 1.0, losses
 
 
+def test_compiled_steps_give_the_eager_losses(tmp_path, capsys):
+    """train.compile=true: three steps with inductor-compiled encoders and decoder give the
+    eager run's losses (the same batches, masks and initial weights)."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    from torch._dynamo.utils import counters
+
+    assert _train(eager, "train.batch_size=2", max_steps=3) == 0
+    counters.clear()
+    assert _train(compiled, "train.batch_size=2", "train.compile=true", max_steps=3) == 0
+    assert counters["stats"]["unique_graphs"] >= 3  # the three networks went through dynamo
+    assert "torch.compile: student.encoder, student.decoder, teacher.encoder" in (
+        capsys.readouterr().err
+    )
+    want, got = _metrics(eager), _metrics(compiled)
+    assert len(want) == len(got) == 3
+    for w, g in zip(want, got):
+        for term in ("loss", "loss_recon", "loss_cluster", "loss_align", "loss_cls"):
+            assert g[term] == pytest.approx(w[term], rel=2e-3, abs=1e-4), (term, w, g)
+    # The checkpoint of a compiled run holds the plain parameter names.
+    assert stellar.load(compiled).encode(torch.rand(1, 3, 32, 32))["spatial"].shape[-1] == 4
+
+
 @pytest.mark.slow
 def test_tiny_preset_default_run(tmp_path):
     """The tiny preset's whole run: 600 steps on the embedded scenes, the loss well down."""

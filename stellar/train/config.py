@@ -35,6 +35,7 @@ RESUME_EXEMPT = (
     "train.ckpt_every",
     "train.progress",
     "train.tensorboard",
+    "train.compile",
 )
 
 

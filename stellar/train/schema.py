@@ -165,6 +165,7 @@ class TrainConfig:
     ckpt_every: int = key(range=AT_LEAST_ONE)
     progress: bool = key()
     tensorboard: bool = key(False)  # TensorBoard event files beside metrics.jsonl
+    compile: bool = key(False)  # torch.compile the encoders and the decoder
 
 
 @dataclass(kw_only=True)

@@ -122,6 +122,21 @@ class StellarSSL(nn.Module):
         if self.teacher is not None:
             self.teacher.update(self.student, 0.0)
 
+    def compile_models(self) -> list[str]:
+        """torch.compile of the networks that dominate a step: the student's and the teacher's
+        encoders and the pixel decoder, in place (`nn.Module.compile`, so that parameter names,
+        checkpoints and the EMA update are unchanged). The losses, the matching and the
+        Sinkhorn-Knopp targets stay eager: our operators launch their own kernels."""
+        compiled = {
+            "student.encoder": self.student.encoder,
+            "student.decoder": self.student.decoder,
+        }
+        if self.teacher is not None:
+            compiled["teacher.encoder"] = self.teacher.encoder
+        for module in compiled.values():
+            module.compile()
+        return list(compiled)
+
     @property
     def weights(self) -> dict[str, float]:
         return {t: float(self.cfg["loss"][t]) for t in TERMS}

@@ -269,6 +269,10 @@ def run_training(
         if say:
             say(f"initialized the encoder's ViT from {cfg['init']}")
     ssl.to(device)
+    if cfg["train"].get("compile"):
+        names = ssl.compile_models()
+        if say:
+            say(f"torch.compile: {', '.join(names)} (compiled on the first steps)")
     peak = peak_lr(cfg, world)
     t = cfg["train"]
     optimizer = torch.optim.AdamW(

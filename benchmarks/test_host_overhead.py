@@ -1,0 +1,129 @@
+"""Host overhead of one eager call into each Triton operator, at the paper's sizes.
+
+For each call: `eager_ms` (one call between two CUDA events, as a training loop that waits
+for the result sees it), `graph_ms` (the same call replayed from a CUDA graph: the GPU
+alone) and `overhead_ms` = eager - graph. Beside them the same with the launch cache off
+(`STELLAR_KERNELS_LAUNCH_CACHE=0`: every launch through Triton's own binder), and the host
+time of one call (`host_us`: calls issued back to back without waiting, the host's time
+per call) split into the public entry point and the launcher alone (`launcher_host_us`:
+the internal function the entry point calls after its checks).
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from functools import partial
+
+import pytest
+import torch
+
+import stellar_kernels as sk
+from benchmarks import test_factorize, test_match_tokens, test_sinkhorn_knopp, test_sinkhorn_match
+from benchmarks.common import graph_ms, median_ms, reported
+
+TARGET_MS = 0.025
+launching = importlib.import_module("stellar_kernels._triton")
+
+
+def host_us(fn: Callable[[], object], calls: int = 50) -> float:
+    """Host time of one call: `calls` calls issued without waiting, then one wait outside."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
+def cases(device: torch.device, quick: bool) -> list[tuple[str, Callable, Callable]]:
+    """(figure name, public call, launcher-only call) at the paper's sizes."""
+    sm = importlib.import_module("stellar_kernels.sinkhorn_match")
+    mt = importlib.import_module("stellar_kernels.match_tokens")
+    batch = 16 if quick else 512
+    cost = test_sinkhorn_match._cost(batch, 16, device)
+    eps, iters = test_sinkhorn_match.EPS, test_sinkhorn_match.N_ITERS
+    images = 8 if quick else test_match_tokens.IMAGES
+    pred, target = test_match_tokens._tokens(
+        images, test_match_tokens.VIEWS, test_match_tokens.K, test_match_tokens.D, device
+    )
+    rows = 256 if quick else 2048
+    scores = test_sinkhorn_knopp._scores(rows, 16384, torch.float32, device)
+    case = (8 if quick else 128, 196, 16, 768)
+    inputs = test_factorize.make_inputs(case, torch.bfloat16, device, requires_grad=False)
+    temperature = test_factorize.TEMPERATURE
+    sk_iters = test_sinkhorn_knopp.N_ITERS
+    mt_eps, mt_iters = test_match_tokens.EPS, test_match_tokens.N_ITERS
+    return [
+        (
+            f"sinkhorn_match/B{batch}_K16",
+            partial(sk.sinkhorn_match, cost, eps, iters, validate=False),
+            partial(sm.sinkhorn_match_triton, cost, eps, iters, "permutation"),
+        ),
+        (
+            f"match_tokens/B{images * test_match_tokens.VIEWS}_K16_D768",
+            partial(sk.match_tokens, pred, target, mt_eps, mt_iters, validate=False),
+            partial(mt.match_tokens_triton, pred, target, mt_eps, mt_iters, "permutation"),
+        ),
+        (
+            f"sinkhorn_knopp/N{rows}_P16384_fp32",
+            partial(sk.sinkhorn_knopp, scores, n_iters=sk_iters, validate=False),
+            None,
+        ),
+        (
+            f"factorize_fwd/{test_factorize.case_name(case, torch.bfloat16)}",
+            partial(sk.factorize, *inputs, temperature=temperature, validate=False),
+            None,
+        ),
+    ]
+
+
+def measure(name: str, call: Callable, internal: Callable | None, device: torch.device) -> dict:
+    values: dict = {}
+    for cache in (True, False):
+        launching.LAUNCH_CACHE = cache
+        suffix = "" if cache else "_normal_launch"
+        with torch.no_grad():
+            eager = median_ms(call, device, warmup=5, rep=30)
+            graph = graph_ms(call)
+            values[f"eager_ms{suffix}"] = round(eager, 6)
+            values[f"graph_ms{suffix}"] = round(graph, 6)
+            values[f"overhead_ms{suffix}"] = round(eager - graph, 6)
+            values[f"host_us{suffix}"] = round(host_us(call), 2)
+            if internal is not None:
+                values[f"launcher_host_us{suffix}"] = round(host_us(internal), 2)
+    launching.LAUNCH_CACHE = True
+    values["target_overhead_ms"] = TARGET_MS
+    values["meets_target"] = values["overhead_ms"] <= TARGET_MS
+    return reported(f"host_overhead/{name}", values["eager_ms"], **values)
+
+
+def figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """host_overhead/<operator>/<size> for the four Triton operators at the paper's sizes."""
+    if device.type != "cuda" or not launching.HAS_TRITON:
+        return [
+            reported(
+                f"host_overhead/{name}",
+                not_measured="no CUDA device: host overhead is launch cost on a GPU",
+            )
+            for name, _, _ in cases(device, quick=True)
+        ]
+    previous = launching.LAUNCH_CACHE
+    try:
+        return [
+            measure(name, call, internal, device) for name, call, internal in cases(device, quick)
+        ]
+    finally:
+        launching.LAUNCH_CACHE = previous
+
+
+@pytest.mark.gpu
+@pytest.mark.benchmark(group="host_overhead_sinkhorn_match_B512_K16")
+@pytest.mark.parametrize("cache", [True, False], ids=["bound_launch", "triton_launch"])
+def test_host_overhead_sinkhorn_match_B512_K16(run, device, cache, monkeypatch):
+    monkeypatch.setattr(launching, "LAUNCH_CACHE", cache)
+    cost = test_sinkhorn_match._cost(512, 16, device)
+    run(sk.sinkhorn_match, cost, validate=False)
