@@ -4,8 +4,8 @@
 #   benchmarks/gpu_check.sh            # on a GPU machine; results in $OUT (or benchmarks/results)
 #   benchmarks/gpu_check.sh --dry-run  # anywhere: tiny sizes, results in a temporary folder
 #   benchmarks/gpu_check.sh --anchors DIR  # the comparison packages' archives (default: anchors/)
-#   benchmarks/gpu_check.sh --part core    # build, figures file, GPU tests (about 6 minutes)
-#   benchmarks/gpu_check.sh --part extra   # paper table, pytest-benchmark, diagnostics
+#   benchmarks/gpu_check.sh --part core    # build, GPU tests, figures file, paper table (~8 min)
+#   benchmarks/gpu_check.sh --part extra   # pytest-benchmark, diagnostics
 #
 # Before the figures, a real run installs torch-linear-assignment 0.1.0 from
 # DIR/torch_linear_assignment-0.1.0.tar.gz into the environment and 0.0.6 (compiled with
@@ -149,9 +149,10 @@ finish_anchors() {  # waits for the background build of 0.0.6 and exports where 
   fi
 }
 
-# Order: what a short lease must not lose comes first. --part core: the build, the figures
-# file (the newest figures first) and the GPU tests; --part extra: the paper table,
-# pytest-benchmark and the diagnostics. Without --part, both in that order.
+# Order: what a short lease must not lose comes first. --part core: the build, the GPU tests
+# (torch-linear-assignment 0.0.6 compiling beside them), the figures file (the newest
+# figures first) and the paper table; --part extra: pytest-benchmark and the diagnostics.
+# Without --part, both in that order.
 if [ "$dry" = 1 ]; then
   install_anchors
   step results "$PY" -m benchmarks.results --out-dir "$out" --quick
@@ -161,13 +162,13 @@ if [ "$dry" = 1 ]; then
 else
   if [ "$part" != extra ]; then
     install_anchors
-    step gpu-tests timeout 200 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfE \
+    step gpu-tests timeout 240 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfE \
       --continue-on-collection-errors
     finish_anchors
-    step results timeout 240 "$PY" -m benchmarks.results --out-dir "$out"
+    step results timeout 300 "$PY" -m benchmarks.results --out-dir "$out"
+    step paper-table timeout 70 "$PY" benchmarks/paper_table.py --out-dir "$out"
   fi
   if [ "$part" != core ]; then
-    step paper-table timeout 70 "$PY" benchmarks/paper_table.py --out-dir "$out"
     step benchmarks timeout 70 "$PY" -m pytest benchmarks/ --benchmark-only -q \
       -p no:cacheprovider --benchmark-json="$out/benchmark.json" \
       --benchmark-columns=median,iqr,rounds

@@ -7,10 +7,14 @@ Figures (docs/benchmarks.md):
 - train_step/components_vitb16_B64: forward milliseconds of the encoder, decoder,
   masked-view encoding, SK clustering, Sinkhorn and Hungarian matching (the
   paper's appendix B.5 table); GPU only.
+- train_step_compiled/vitb16_B64: the same step with train.compile=true (the encoders and
+  the decoder through torch.compile) against the eager step, both --kernels triton; GPU only.
 - train_step/tiny_cpu: images per second of the tiny preset's step on the CPU.
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -48,6 +52,30 @@ def test_train_step_vitb16_B64_torch(run):
     run(_step_or_skip("base", BASE_BATCH, "cuda", "torch"), rounds=5)
 
 
+def compiled_step_figure(
+    batch: int, device: torch.device, kernels: str, eager_ms: float, quick: bool
+) -> dict:
+    from benchmarks.common import vs_baseline
+
+    step = make_train_step("base", batch, device, kernels, overrides=["train.compile=true"])
+    t0 = time.perf_counter()
+    for _ in range(3):  # the global views, the masked views and the local crops compile
+        step()
+    torch.cuda.synchronize()
+    compile_s = time.perf_counter() - t0
+    ms = median_ms(step, device, warmup=2, rep=3 if quick else 8)
+    step = None
+    torch.cuda.empty_cache()
+    return vs_baseline(
+        f"train_step_compiled/vitb16_B{batch}",
+        ms,
+        "eager_step",
+        eager_ms,
+        kernels=kernels,
+        first_steps_s=round(compile_s, 1),
+    )
+
+
 def figures(device: torch.device, quick: bool = False) -> list[dict]:
     from benchmarks.common import reported, vs_baseline
 
@@ -70,6 +98,16 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
                 )
             )
         kernels = "triton" if "triton" in times else "torch"
+        try:
+            out.append(compiled_step_figure(batch, device, kernels, times[kernels], quick))
+        except Exception as err:  # a compiler failure must not lose the other figures
+            out.append(
+                reported(
+                    f"train_step_compiled/vitb16_B{batch}",
+                    failed=f"{type(err).__name__}: {err}"[:500],
+                )
+            )
+            torch.cuda.empty_cache()
         parts = component_times("base", batch, device, kernels=kernels, rep=3 if quick else 10)
         out.append(
             reported(

@@ -16,7 +16,8 @@ entry points; the PyTorch reference is `stellar_kernels.reference.factorize_refe
   implementations and a registered backward, so `fullgraph=True` traces through.
 
 The Triton path covers float16, bfloat16 and float32 inputs of one dtype with K <= 64
-(float32 accumulation; float32 dots use IEEE precision, not TF32). The backward kernels
+(float32 accumulation; float32 dots run on tensor cores as "tf32x3": three TF32 products
+of split operands, about float32 accuracy, where plain TF32 would keep 10 mantissa bits). The backward kernels
 have no derivative of their own: a backward with create_graph=True (the start of a second
 derivative) differentiates the PyTorch reference instead, so higher derivatives are exact
 on both paths.
@@ -35,9 +36,9 @@ MAX_TRITON_K = 64
 
 # ----------------------------------------------------------------------------- Triton kernels
 #
-# Dots: MODE 0 is float32 (IEEE dots); MODE 1 bfloat16, MODE 2 float16 (tensor-core
-# dots with float32 accumulation). Dots of two loaded operands are exact products in
-# every mode. A dot of a float32 value computed in the kernel (a gradient) with a loaded
+# Dots: MODE 0 is float32 ("tf32x3" tensor-core dots, about float32 accuracy); MODE 1
+# bfloat16, MODE 2 float16 (tensor-core dots with float32 accumulation, whose products of
+# two loaded operands are exact). A dot of a float32 value computed in the kernel (a gradient) with a loaded
 # operand splits the float32 value into a bfloat16 high and low part (16 significant
 # bits, float32 range, so a huge gradient of a near-zero row neither overflows nor turns
 # into inf * 0 = NaN); for float16 the loaded operand is split the same way (exactly).
@@ -57,7 +58,7 @@ def _mma(a, b, acc, INTERPRET: tl.constexpr):
 def _dot(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + a @ b for two operands of the input dtype."""
     if MODE == 0:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return _mma(a, b, acc, INTERPRET)
 
@@ -66,7 +67,7 @@ def _dot(a, b, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
 def _dot_f32(x, y, acc, MODE: tl.constexpr, INTERPRET: tl.constexpr):
     """acc + x @ y for a float32 x and a y of the input dtype, accurate to ~float32."""
     if MODE == 0:
-        return tl.dot(x, y, acc, input_precision="ieee")
+        return tl.dot(x, y, acc, input_precision="tf32x3")
     else:
         x_hi = x.to(tl.bfloat16)
         x_lo = (x - x_hi.to(tl.float32)).to(tl.bfloat16)

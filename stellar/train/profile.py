@@ -126,6 +126,8 @@ def make_train_step(
     cfg = resolve_config(preset, batch, kernels, overrides)
     torch.manual_seed(0)
     ssl = StellarSSL(cfg).to(device).train()
+    if cfg["train"].get("compile"):
+        ssl.compile_models()
     opt = torch.optim.AdamW(ssl.student.parameters(), lr=1e-5, weight_decay=0.04)
     data = synthetic_batch(cfg, device)
     step = [0]
