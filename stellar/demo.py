@@ -3,8 +3,8 @@
     python -m stellar.demo [--output-dir runs/demo]     (or: stellar-demo)
 
 Trains the tiny preset on the procedurally generated scenes (CPU is fine),
-then runs linear probing, Exp. 1 (equivariance), token localization and the
-pictures, each for the trained model and the same architecture at random
+then runs linear probing, Exp. 1 (equivariance), token localization (with the
+sharpness of A), the segmentation probe of Table 2 and the pictures, each for the trained model and the same architecture at random
 initialization, and writes DIR/report.md embedding the figures.
 """
 
@@ -73,7 +73,7 @@ def run_demo(args) -> Path:
             argv.append("--no-progress")
         eargs = eval_parser().parse_args(argv)
         model = load_model(run_dir, random_init, device, eargs.seed)
-        tasks = ["linear", "equivariance", "localization"] + (
+        tasks = ["linear", "equivariance", "localization", "segmentation"] + (
             ["visualize"] if not random_init else []
         )
         results[label] = {}
@@ -90,6 +90,10 @@ def run_demo(args) -> Path:
         (
             "Token spatial maps (argmax partition and each token, thresholded)",
             figs_dir / "token_maps.png",
+        ),
+        (
+            "Segmentation (Table 2): BatchNorm + linear heads on D and on A·S against the true masks",
+            results["trained"]["segmentation"]["figure"],
         ),
         (
             "Reconstructions (top: original, bottom: from the sparse tokens)",

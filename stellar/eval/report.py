@@ -28,6 +28,14 @@ ROWS = (
     ("Exp. 1 spatial / semantic", ("equivariance", "spatial_to_semantic"), ".2f"),
     ("Exp. 2 mean cosine distance", ("robustness", "mean_cosine_distance"), ".4f"),
     ("token-map mIoU (%)", ("localization", "miou"), ".1f"),
+    ("sharpness of A: mean over patches of max_k A", ("localization", "a_max_mean"), ".3f"),
+    (
+        "sharpness of A: patches whose top token passes 0.5 (%)",
+        ("localization", "a_max_above_half"),
+        ".1f",
+    ),
+    ("segmentation mIoU (%), BatchNorm + linear on D", ("segmentation", "miou"), ".1f"),
+    ("segmentation mIoU (%), on A·S", ("segmentation", "miou_lowrank"), ".1f"),
 )
 
 
