@@ -3,6 +3,11 @@
 SSIM: per channel, 11x11 Gaussian window (sigma 1.5) over the valid region,
 C1 = (0.01)^2, C2 = (0.03)^2 for images in [0, 1]; averaged over channels
 and pixels. PSNR per image with a peak of 1, averaged over images.
+
+A model trained with the VQ target is scored on its decoded codes: the most likely code of
+each patch through the MaskGIT-VQGAN tokenizer, resized to the input; beside PSNR and
+SSIM, `code_accuracy` (the share of patches whose most likely code is the tokenizer's own)
+and `tokenizer_psnr` / `tokenizer_ssim` (the tokenizer's own codes decoded: the ceiling).
 """
 
 from __future__ import annotations
@@ -54,14 +59,31 @@ def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5)
 @torch.no_grad()
 def evaluate_reconstruction(model, dataset, batch_size: int = 64, progress: bool = True) -> dict:
     device = next(model.parameters()).device
-    m, p, s, n = 0.0, 0.0, 0.0, 0
+    vq = getattr(model, "recon_target", "pixels") == "vq"
+    sums = dict.fromkeys(
+        ("mse", "psnr", "ssim", "code_accuracy", "tokenizer_psnr", "tokenizer_ssim"), 0.0
+    )
+    n = 0
     for batch in batches(dataset, batch_size, "reconstruction", progress):
         img = batch["image"].to(device)
-        rec = model.reconstruct(img)
-        m += mse(rec, img).sum().item()
-        p += psnr(rec, img).sum().item()
-        s += ssim(rec, img).sum().item()
+        if vq:
+            grid = model.encoder.grid_size(img.shape[-2], img.shape[-1])
+            predicted = model.decode(model.encode(img)["lowrank"], grid).argmax(-1)
+            codes = model.vq_targets(img, grid)
+            rec = model.decode_codes(predicted, grid, img.shape[-2:])
+            ceiling = model.decode_codes(codes, grid, img.shape[-2:])
+            sums["code_accuracy"] += (predicted == codes).float().mean(1).sum().item()
+            sums["tokenizer_psnr"] += psnr(ceiling, img).sum().item()
+            sums["tokenizer_ssim"] += ssim(ceiling, img).sum().item()
+        else:
+            rec = model.reconstruct(img)
+        sums["mse"] += mse(rec, img).sum().item()
+        sums["psnr"] += psnr(rec, img).sum().item()
+        sums["ssim"] += ssim(rec, img).sum().item()
         n += len(img)
-    out = {"mse": m / n, "psnr": p / n, "ssim": s / n, "num_images": n}
+    keys = list(sums) if vq else ["mse", "psnr", "ssim"]
+    out = {k: sums[k] / n for k in keys}
+    out["num_images"] = n
+    out["target"] = "vq" if vq else "pixels"
     out["psnr_of_mean_mse"] = 10 * math.log10(1.0 / max(out["mse"], 1e-10))
     return out

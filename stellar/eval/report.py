@@ -23,6 +23,7 @@ ROWS = (
     ("k-NN top-1 (%)", ("knn", "top1"), ".1f"),
     ("reconstruction PSNR (dB)", ("reconstruction", "psnr"), ".2f"),
     ("reconstruction SSIM", ("reconstruction", "ssim"), ".3f"),
+    ("VQ code accuracy", ("reconstruction", "code_accuracy"), ".3f"),
     ("Exp. 1 mean semantic change ‖ΔS‖/‖S‖", ("equivariance", "mean_semantic_change"), ".3f"),
     ("Exp. 1 mean spatial change ‖ΔA‖/‖A‖", ("equivariance", "mean_spatial_change"), ".3f"),
     ("Exp. 1 spatial / semantic", ("equivariance", "spatial_to_semantic"), ".2f"),

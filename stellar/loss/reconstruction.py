@@ -1,4 +1,5 @@
-"""Low-rank approximated reconstruction (paper eq. 3): MSE against the [0, 1] image."""
+"""Low-rank approximated reconstruction (paper eq. 3): MSE against the [0, 1] image, or the
+cross-entropy of the decoder's code logits against a VQ tokenizer's codes."""
 
 from __future__ import annotations
 
@@ -13,3 +14,12 @@ def reconstruction_loss(pred: torch.Tensor, images: torch.Tensor) -> torch.Tenso
             f"reconstruction {tuple(pred.shape)} and image {tuple(images.shape)} differ in shape"
         )
     return F.mse_loss(pred.float(), images.float())
+
+
+def code_cross_entropy(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of code logits (B, N, C) against a tokenizer's codes (B, N), in float32."""
+    if logits.shape[:2] != codes.shape:
+        raise ValueError(
+            f"code logits {tuple(logits.shape)} and codes {tuple(codes.shape)} differ in (B, N)"
+        )
+    return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())

@@ -4,6 +4,9 @@ Linear D -> dim, plus a 2-D random-Fourier positional encoding, a few ViT
 blocks, LayerNorm, and a transposed convolution with kernel = stride = patch
 size that turns each token into its patch of pixels. The paper's decoder is
 dim 512, 6 blocks, 8 heads, MLP 2048.
+
+With `num_codes` (the VQ target) the last layer is instead Linear(dim, num_codes): each
+token's logits over the codes of a VQ tokenizer (B, N, num_codes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class PixelDecoder(nn.Module):
         mlp_dim: int = 2048,
         fourier_scale: float = 1.0,
         out_chans: int = 3,
+        num_codes: int | None = None,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size
@@ -37,12 +41,17 @@ class PixelDecoder(nn.Module):
             *[Block(dim, num_heads, mlp_ratio=mlp_dim / dim, qkv_bias=True) for _ in range(depth)]
         )
         self.norm = nn.LayerNorm(dim)
-        self.pixel_head = nn.ConvTranspose2d(
-            dim, out_chans, kernel_size=patch_size, stride=patch_size
-        )
+        self.num_codes = num_codes
+        if num_codes is None:
+            self.pixel_head = nn.ConvTranspose2d(
+                dim, out_chans, kernel_size=patch_size, stride=patch_size
+            )
+        else:
+            self.code_head = nn.Linear(dim, num_codes)
 
     def forward(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
-        """Decodes x (B, N, D) laid out row-major on `grid_size` (default: square) to (B, 3, H, W)."""
+        """Decodes x (B, N, D) laid out row-major on `grid_size` (default: square) to
+        (B, 3, H, W), or with num_codes to code logits (B, N, num_codes)."""
         b, n, _ = x.shape
         if grid_size is None:
             side = math.isqrt(n)
@@ -55,5 +64,7 @@ class PixelDecoder(nn.Module):
         x = self.embed(x) + self.pos_embed(h, w).to(x.dtype)
         x = self.blocks(x)
         x = self.norm(x)
+        if self.num_codes is not None:
+            return self.code_head(x)
         x = x.transpose(1, 2).reshape(b, -1, h, w)
         return self.pixel_head(x)

@@ -9,15 +9,19 @@
     out["lowrank"]  (B, N, D)  A @ S, the low-rank feature map the decoder reads
     images = model.reconstruct(images)  # or model.reconstruct(out), in [0, 1]
 
-ImageNet normalization happens inside the model.
+ImageNet normalization happens inside the model. A model trained with the VQ target
+(recon_target="vq") predicts MaskGIT-VQGAN codes; `reconstruct` decodes the most likely
+code of each patch through that tokenizer (loaded from vq_checkpoint on first use).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import stellar_kernels as sk
@@ -25,11 +29,14 @@ import stellar_kernels as sk
 from .decoder import PixelDecoder
 from .encoder import EncoderOutput, SparseViTEncoder
 from .heads import ClusteringHead
+from .vq import PATCH as VQ_PATCH
+from .vq import MaskGITVQGAN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DEFAULT_DECODER = {"dim": 512, "depth": 6, "num_heads": 8, "mlp_dim": 2048, "fourier_scale": 1.0}
+VQ_CODES = 1024  # the MaskGIT-VQGAN codebook
 DEFAULT_HEAD = {"hidden_dim": 2048, "bottleneck_dim": 256, "num_prototypes": 16384}
 
 
@@ -43,6 +50,9 @@ class Stellar(nn.Module):
         decoder: PixelDecoder keyword arguments (dim, depth, num_heads, mlp_dim, fourier_scale).
         head: ClusteringHead keyword arguments of both heads (hidden_dim,
             bottleneck_dim, num_prototypes).
+        recon_target: "pixels" (the decoder predicts each patch's pixels) or "vq" (its code
+            among the 1024 of a MaskGIT-VQGAN tokenizer).
+        vq_checkpoint: the tokenizer's file (recon_target="vq"), read by `reconstruct`.
         kernels: stellar_kernels backend for factorize (None: the fastest for the device).
     """
 
@@ -58,9 +68,13 @@ class Stellar(nn.Module):
         spatial_temperature: float = 0.06,
         decoder: dict | None = None,
         head: dict | None = None,
+        recon_target: str = "pixels",
+        vq_checkpoint: str | None = None,
         kernels: str | None = None,
     ) -> None:
         super().__init__()
+        if recon_target not in ("pixels", "vq"):
+            raise ValueError(f"recon_target: 'pixels' or 'vq', got {recon_target!r}")
         self.config: dict[str, Any] = copy.deepcopy(
             {
                 "arch": arch,
@@ -73,8 +87,12 @@ class Stellar(nn.Module):
                 "spatial_temperature": spatial_temperature,
                 "decoder": {**DEFAULT_DECODER, **(decoder or {})},
                 "head": {**DEFAULT_HEAD, **(head or {})},
+                "recon_target": recon_target,
+                "vq_checkpoint": vq_checkpoint,
             }
         )
+        self.recon_target = recon_target
+        self._tokenizer: list[MaskGITVQGAN] = []  # a list: kept out of the module's state
         self.kernels = kernels
         self.spatial_temperature = spatial_temperature
         self.encoder = SparseViTEncoder(
@@ -86,7 +104,8 @@ class Stellar(nn.Module):
         self.num_tokens = num_tokens
         self.proj_dense = nn.Linear(dim, dim)  # W_d
         self.proj_sparse = nn.Linear(dim, dim)  # W_s
-        self.decoder = PixelDecoder(dim, self.patch_size, **self.config["decoder"])
+        codes = VQ_CODES if recon_target == "vq" else None
+        self.decoder = PixelDecoder(dim, self.patch_size, **self.config["decoder"], num_codes=codes)
         self.sparse_head = ClusteringHead(dim, **self.config["head"])
         self.cls_head = ClusteringHead(dim, **self.config["head"])
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -126,8 +145,45 @@ class Stellar(nn.Module):
         )
 
     def decode(self, lowrank: torch.Tensor, grid_size: tuple[int, int] | None = None):
-        """Decoder output (B, 3, H, W), not clamped (the training target is the [0, 1] image)."""
+        """Decoder output: (B, 3, H, W), not clamped (the training target is the [0, 1]
+        image), or with the VQ target code logits (B, N, 1024)."""
         return self.decoder(lowrank, grid_size)
+
+    # ------------------------------------------------------------------ the VQ target
+
+    @property
+    def tokenizer(self) -> MaskGITVQGAN:
+        """The VQ tokenizer of a recon_target="vq" model, read from vq_checkpoint on first use."""
+        if self.recon_target != "vq":
+            raise ValueError("this model reconstructs pixels; it has no VQ tokenizer")
+        if not self._tokenizer:
+            self._tokenizer.append(MaskGITVQGAN.from_file(self.config["vq_checkpoint"]))
+        return self._tokenizer[0]
+
+    def set_tokenizer(self, tokenizer: MaskGITVQGAN) -> None:
+        """Uses `tokenizer` (e.g. the training's own instance) instead of reading the file."""
+        self._tokenizer[:] = [tokenizer]
+
+    def vq_targets(self, images: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """The tokenizer's codes (B, h * w) of images for a patch grid (h, w): the image is
+        resized (bicubic) to 16 h x 16 w first where the grids differ (patch size not 16)."""
+        tok = self.tokenizer.to(images.device)
+        size = (grid_size[0] * VQ_PATCH, grid_size[1] * VQ_PATCH)
+        x = images.float()
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bicubic", align_corners=False)
+        with torch.autocast(images.device.type, enabled=False):  # argmin distances in float32
+            return tok.encode(x)
+
+    def decode_codes(self, codes: torch.Tensor, grid_size: tuple[int, int], size) -> torch.Tensor:
+        """Images (B, 3, *size) in [0, 1] from codes (B, N) through the tokenizer, resized
+        to `size` where it differs."""
+        tok = self.tokenizer.to(codes.device)
+        with torch.autocast(codes.device.type, enabled=False):
+            images = tok.decode(codes, grid_size)
+        if tuple(images.shape[-2:]) != tuple(size):
+            images = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False)
+        return images.clamp(0.0, 1.0)
 
     # ------------------------------------------------------------------ public
 
@@ -161,6 +217,13 @@ class Stellar(nn.Module):
         if isinstance(x, torch.Tensor):
             grid_size = self.encoder.grid_size(x.shape[-2], x.shape[-1])
             x = self.encode(x)
+        if self.recon_target == "vq":
+            if grid_size is None:
+                side = math.isqrt(x["lowrank"].shape[1])
+                grid_size = (side, side)
+            size = (grid_size[0] * self.patch_size, grid_size[1] * self.patch_size)
+            codes = self.decode(x["lowrank"], grid_size).argmax(-1)  # the most likely code
+            return self.decode_codes(codes, grid_size, size)
         return self.decode(x["lowrank"], grid_size).clamp(0.0, 1.0)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -163,11 +163,18 @@ def validate(cfg: dict) -> None:
     cfg.clear()
     cfg.update(checked)
     loss = cfg["loss"]
-    for name in ("recon", "cluster", "align", "cls", "koleo"):
+    defaults = {"recon": 10.0, "recon_vq": 0.05, "koleo": 0.1}
+    for name in ("recon", "recon_vq", "cluster", "align", "cls", "koleo"):
         if isinstance(loss[name], bool):  # true/false: the term at its default weight, or off
-            loss[name] = float(loss[name]) * {"recon": 10.0, "koleo": 0.1}.get(name, 1.0)
-    if not any(loss[n] for n in ("recon", "cluster", "align", "cls", "koleo")):
-        raise ConfigError("every loss term is switched off (loss.recon ... loss.koleo all 0)")
+            loss[name] = float(loss[name]) * defaults.get(name, 1.0)
+    recon = "recon_vq" if cfg["model"]["recon_target"] == "vq" else "recon"
+    if not any(loss[n] for n in (recon, "cluster", "align", "cls", "koleo")):
+        raise ConfigError(f"every loss term is switched off (loss.{recon} ... loss.koleo all 0)")
+    if cfg["model"]["recon_target"] == "vq" and not cfg["model"]["vq_checkpoint"]:
+        raise ConfigError(
+            "model.recon_target=vq needs the tokenizer: model.vq_checkpoint=FILE (the released "
+            "maskgit-vqgan-imagenet-f16-256.bin)"
+        )
     train = cfg["train"]
     if train["warmup_steps"] > train["total_steps"]:
         raise ConfigError(

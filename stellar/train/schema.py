@@ -85,6 +85,10 @@ class ModelConfig:
     spatial_temperature: float = key(range=POSITIVE)
     decoder: DecoderConfig = key()
     head: HeadConfig = key()
+    # pixels: the decoder predicts each patch's pixels (MSE, loss.recon); vq: its code of a
+    # frozen MaskGIT-VQGAN tokenizer read from vq_checkpoint (cross-entropy, loss.recon_vq)
+    recon_target: Literal["pixels", "vq"] = key("pixels")
+    vq_checkpoint: str | None = key(None)
 
 
 @dataclass(kw_only=True)
@@ -99,6 +103,7 @@ class TeacherConfig:
 @dataclass(kw_only=True)
 class LossConfig:
     recon: Weight = key(range=NON_NEGATIVE)
+    recon_vq: Weight = key(0.05, range=NON_NEGATIVE)  # the VQ-code cross-entropy's weight
     cluster: Weight = key(range=NON_NEGATIVE)
     align: Weight = key(range=NON_NEGATIVE)
     cls: Weight = key(range=NON_NEGATIVE)

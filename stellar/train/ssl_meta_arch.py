@@ -3,7 +3,9 @@
 One forward pass on a batch of multi-crop views computes (paper eq. 12-13):
 
 - recon: the decoder's reconstruction of the first global view from its
-  low-rank features A S, MSE against the [0, 1] image.
+  low-rank features A S, MSE against the [0, 1] image; with model.recon_target=vq
+  (term recon_vq) the decoder's code logits against the codes a frozen MaskGIT-VQGAN
+  tokenizer gives the view (cross-entropy), the view resized to 16 pixels per patch first.
 - cluster: the sparse tokens of the first global view against balanced
   Sinkhorn-Knopp assignments of the target tokens (matched to them).
 - align: the sparse tokens of V masked views (data.masked_views: V global-scale
@@ -40,6 +42,7 @@ from ..data.augment import photometric
 from ..layers import focal_mask, mixed_mask
 from ..loss import (
     cluster_cross_entropy,
+    code_cross_entropy,
     gather_targets,
     koleo_loss,
     match_to_targets,
@@ -47,8 +50,10 @@ from ..loss import (
     sinkhorn_targets,
 )
 from ..models import Stellar
+from ..models.vq import MaskGITVQGAN
 
 TERMS = ("recon", "cluster", "align", "cls", "koleo")
+"""The loss terms; with model.recon_target=vq the first is "recon_vq" instead (`terms`)."""
 PHOTOMETRIC_KEYS = (
     "jitter_prob",
     "brightness",
@@ -113,6 +118,11 @@ class StellarSSL(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = Stellar.from_config(cfg["model"], kernels=cfg.get("kernels"))
+        self.tokenizer: MaskGITVQGAN | None = None
+        if cfg["model"].get("recon_target") == "vq":
+            # A submodule here (it moves with .to()), never in the student's saved state.
+            self.tokenizer = MaskGITVQGAN.from_file(cfg["model"]["vq_checkpoint"])
+            self.student.set_tokenizer(self.tokenizer)
         self.teacher: Teacher | None = None
         if teacher_mode(cfg) == "ema":
             self.teacher = Teacher(self.student)
@@ -138,8 +148,14 @@ class StellarSSL(nn.Module):
         return list(compiled)
 
     @property
+    def terms(self) -> tuple[str, ...]:
+        if self.tokenizer is not None:
+            return ("recon_vq", *TERMS[1:])
+        return TERMS
+
+    @property
     def weights(self) -> dict[str, float]:
-        return {t: float(self.cfg["loss"][t]) for t in TERMS}
+        return {t: float(self.cfg["loss"][t]) for t in self.terms}
 
     def active_terms(self) -> list[str]:
         return [t for t, w in self.weights.items() if w > 0]
@@ -203,9 +219,12 @@ class StellarSSL(nn.Module):
         out: dict[str, torch.Tensor] = {}
 
         g1 = s.features(x1)
-        if w["recon"]:
+        if w.get("recon"):
             _, lowrank = s.factorize(g1.dense, g1.sparse)
             out["recon"] = reconstruction_loss(s.decode(lowrank, grid), x1)
+        elif w.get("recon_vq"):
+            _, lowrank = s.factorize(g1.dense, g1.sparse)
+            out["recon_vq"] = code_cross_entropy(s.decode(lowrank, grid), s.vq_targets(x1, grid))
 
         # Draws in a fixed order, the optional local crops last, so that switching a term
         # off leaves the random changes of the others as they were.

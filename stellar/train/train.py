@@ -45,7 +45,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import PRESETS, apply_overrides, differences, dump, load_preset, validate
-from .ssl_meta_arch import TERMS, StellarSSL, momentum_at, teacher_mode
+from .ssl_meta_arch import StellarSSL, momentum_at, teacher_mode
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "latent_queries", "prototypes")
 
@@ -312,7 +312,7 @@ def run_training(
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        unused = not all(ssl.weights[k] > 0 for k in TERMS)
+        unused = not all(w > 0 for w in ssl.weights.values())
         model = DDP(
             ssl,
             device_ids=[device.index] if device.type == "cuda" else None,
