@@ -49,3 +49,16 @@ class RandomFourierPosEmbed(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, scale={self.scale}"
+
+
+def token_grid(n: int, grid_size: tuple[int, int] | None, what: str = "tokens") -> tuple[int, int]:
+    """The (h, w) grid that n row-major tokens lie on: `grid_size`, checked, or the square."""
+    if grid_size is None:
+        side = math.isqrt(n)
+        if side * side != n:
+            raise ValueError(f"{n} {what} are not a square grid; pass grid_size=(h, w)")
+        return side, side
+    h, w = grid_size
+    if h * w != n:
+        raise ValueError(f"grid_size {tuple(grid_size)} does not hold {n} {what}")
+    return h, w

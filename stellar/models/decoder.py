@@ -11,13 +11,11 @@ token's logits over the codes of a VQ tokenizer (B, N, num_codes).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ..layers import RandomFourierPosEmbed
+from ..layers import RandomFourierPosEmbed, token_grid
 
 
 class PixelDecoder(nn.Module):
@@ -53,14 +51,7 @@ class PixelDecoder(nn.Module):
         """Decodes x (B, N, D) laid out row-major on `grid_size` (default: square) to
         (B, 3, H, W), or with num_codes to code logits (B, N, num_codes)."""
         b, n, _ = x.shape
-        if grid_size is None:
-            side = math.isqrt(n)
-            if side * side != n:
-                raise ValueError(f"{n} tokens are not a square grid; pass grid_size=(h, w)")
-            grid_size = (side, side)
-        h, w = grid_size
-        if h * w != n:
-            raise ValueError(f"grid_size {grid_size} does not hold {n} tokens")
+        h, w = token_grid(n, grid_size)
         x = self.embed(x) + self.pos_embed(h, w).to(x.dtype)
         x = self.blocks(x)
         x = self.norm(x)

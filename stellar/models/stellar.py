@@ -17,7 +17,6 @@ code of each patch through that tokenizer (loaded from vq_checkpoint on first us
 from __future__ import annotations
 
 import copy
-import math
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from torch import nn
 
 import stellar_kernels as sk
 
+from ..layers import token_grid
 from .decoder import PixelDecoder
 from .encoder import EncoderOutput, SparseViTEncoder
 from .heads import ClusteringHead
@@ -218,9 +218,7 @@ class Stellar(nn.Module):
             grid_size = self.encoder.grid_size(x.shape[-2], x.shape[-1])
             x = self.encode(x)
         if self.recon_target == "vq":
-            if grid_size is None:
-                side = math.isqrt(x["lowrank"].shape[1])
-                grid_size = (side, side)
+            grid_size = token_grid(x["lowrank"].shape[1], grid_size)
             size = (grid_size[0] * self.patch_size, grid_size[1] * self.patch_size)
             codes = self.decode(x["lowrank"], grid_size).argmax(-1)  # the most likely code
             return self.decode_codes(codes, grid_size, size)

@@ -23,7 +23,6 @@ Parameter names follow the released checkpoint (`maskgit-vqgan-imagenet-f16-256.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
+from ..layers import token_grid
 
 PATCH = 16
 """Image pixels per code along each side (four 2x poolings)."""
@@ -257,13 +257,6 @@ class MaskGITVQGAN(nn.Module):
                 f"codes: expected (B, L) integers, got {codes.dtype} {tuple(codes.shape)}"
             )
         b, n = codes.shape
-        if grid_size is None:
-            side = math.isqrt(n)
-            if side * side != n:
-                raise ValueError(f"codes: {n} codes are not a square grid; pass grid_size=(h, w)")
-            grid_size = (side, side)
-        h, w = grid_size
-        if h * w != n:
-            raise ValueError(f"grid_size {grid_size} does not hold {n} codes")
+        h, w = token_grid(n, grid_size, "codes")
         z = self.quantize.embedding(codes.long()).view(b, h, w, -1).permute(0, 3, 1, 2)
         return self.decoder(z).clamp(0.0, 1.0)
