@@ -247,6 +247,9 @@ def test_training_with_the_vq_target(tmp_path, released_file, capsys):
     assert rebuilt.shape == images.shape and rebuilt.min() >= 0 and rebuilt.max() <= 1
 
     from stellar.eval.reconstruction import evaluate_reconstruction
+    from stellar.eval.visualize import plot_reconstructions
+
+    assert plot_reconstructions(model, images, tmp_path / "rec.png").stat().st_size > 0
 
     data = [{"image": torch.rand(3, 32, 32)} for _ in range(3)]
     res = evaluate_reconstruction(model, data, batch_size=2, progress=False)
