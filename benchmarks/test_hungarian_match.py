@@ -18,11 +18,9 @@ import functools
 import importlib
 import importlib.metadata
 import os
-import statistics
 import sys
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import pytest
 import torch
 
 import stellar_kernels as sk
-from benchmarks.common import graph_ms, median_ms, reported, vs_baseline
+from benchmarks.common import graph_ms, interleaved_ms, median_ms, reported, vs_baseline
 from stellar_kernels.reference import hungarian_scipy
 
 CASES = [(512, 16), (64, 196)]
@@ -135,33 +133,6 @@ def _tla_uses_triton(cost: torch.Tensor) -> bool | None:
     return None if check is None else bool(check(cost))
 
 
-def _interleaved_ms(
-    fns: Sequence[Callable[[], object]],
-    device: torch.device,
-    rounds: int = 10,
-    rep: int = 3,
-    warmup: int = 2,
-    max_seconds: float = 10.0,
-) -> list[float]:
-    """Median milliseconds of each fn, timed in alternation: each round times every fn `rep`
-    times (the order reversed on odd rounds), so that a drift of the machine (clocks,
-    another process) falls on all of them alike. Stops after max_seconds once 3 rounds ran.
-    """
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    deadline = time.perf_counter() + max_seconds
-    for r in range(rounds):
-        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
-        for i in order:
-            for _ in range(rep):
-                times[i].append(median_ms(fns[i], device, warmup=0, rep=1))
-        if time.perf_counter() > deadline and r >= 2:
-            break
-    return [statistics.median(t) for t in times]
-
-
 def _graph_time(fn: Callable[[], object], eager_ms: float) -> tuple[float | None, str]:
     """CUDA-graph milliseconds of one fn() (warmed up already), or None and why not.
 
@@ -223,7 +194,7 @@ def _vs_tla_figure(
         and theirs_total is not None
         and bool(torch.allclose(ours_total, theirs_total, rtol=1e-5))
     )
-    ours_ms, theirs_ms = _interleaved_ms([ours, theirs], device)
+    ours_ms, theirs_ms = interleaved_ms([ours, theirs], device)
     extra: dict = {}
     ours_graph, why_ours = _graph_time(partial(sk.hungarian_match, cost, validate=False), ours_ms)
     theirs_graph, why_theirs = _graph_time(theirs, theirs_ms)

@@ -99,17 +99,12 @@ class BoundLaunch:
     def __init__(self, kernel: Callable) -> None:
         self.fn = kernel  # testing.compile_for_gpu and the interpreter reach the kernel here
         self.bound: dict[tuple, object] = {}
-        self._params: list[str] | None = None
+        self.arg_names = tuple(getattr(kernel, "arg_names", ()))
         # The interpreter's kernels (TRITON_INTERPRET=1 when they were defined) run on the CPU.
         self.compiles = HAS_TRITON and isinstance(kernel, triton.runtime.jit.JITFunction)
 
     def __getitem__(self, grid: tuple[int, ...]) -> Callable[..., None]:
         return functools.partial(self.launch, grid)
-
-    def _names(self) -> list[str]:
-        if self._params is None:
-            self._params = list(getattr(self.fn, "arg_names", ()))
-        return self._params
 
     def launch(self, grid: tuple[int, ...], *args: object, **meta: object) -> None:
         if not (LAUNCH_CACHE and self.compiles):
@@ -142,9 +137,8 @@ class BoundLaunch:
 
     def _bind(self, compiled: object, n_args: int, meta: dict) -> object:
         """What `launch` calls for one configuration, from the compiled kernel Triton returned."""
-        names = self._names()
-        tail = tuple(names[n_args:])
-        if not names or set(tail) - set(meta):
+        tail = self.arg_names[n_args:]
+        if not self.arg_names or set(tail) - set(meta):
             return _NORMAL_PATH
         try:
             from triton import knobs

@@ -29,14 +29,13 @@ from ..layers import token_grid
 from .decoder import PixelDecoder
 from .encoder import EncoderOutput, SparseViTEncoder
 from .heads import ClusteringHead
+from .vq import CODEBOOK_SIZE, MaskGITVQGAN
 from .vq import PATCH as VQ_PATCH
-from .vq import MaskGITVQGAN
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 DEFAULT_DECODER = {"dim": 512, "depth": 6, "num_heads": 8, "mlp_dim": 2048, "fourier_scale": 1.0}
-VQ_CODES = 1024  # the MaskGIT-VQGAN codebook
 DEFAULT_HEAD = {"hidden_dim": 2048, "bottleneck_dim": 256, "num_prototypes": 16384}
 
 
@@ -104,7 +103,7 @@ class Stellar(nn.Module):
         self.num_tokens = num_tokens
         self.proj_dense = nn.Linear(dim, dim)  # W_d
         self.proj_sparse = nn.Linear(dim, dim)  # W_s
-        codes = VQ_CODES if recon_target == "vq" else None
+        codes = CODEBOOK_SIZE if recon_target == "vq" else None
         self.decoder = PixelDecoder(dim, self.patch_size, **self.config["decoder"], num_codes=codes)
         self.sparse_head = ClusteringHead(dim, **self.config["head"])
         self.cls_head = ClusteringHead(dim, **self.config["head"])

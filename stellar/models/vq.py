@@ -34,6 +34,8 @@ from ..layers import token_grid
 
 PATCH = 16
 """Image pixels per code along each side (four 2x poolings)."""
+CODEBOOK_SIZE = 1024
+"""Entries of the released tokenizer's codebook."""
 
 
 def _conv(cin: int, cout: int, kernel: int, bias: bool = True) -> nn.Conv2d:
@@ -166,7 +168,7 @@ class MaskGITVQGAN(nn.Module):
         channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
         num_res_blocks: int = 2,
         z_channels: int = 256,
-        codebook_size: int = 1024,
+        codebook_size: int = CODEBOOK_SIZE,
     ) -> None:
         super().__init__()
         if len(channel_mult) != 5:
