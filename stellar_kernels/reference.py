@@ -181,12 +181,21 @@ def factorize_reference(
 
 
 def hungarian_scipy(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
-    """A loop of scipy.optimize.linear_sum_assignment over the batch (B, Q, T) -> (B, Q)."""
+    """A loop of scipy.optimize.linear_sum_assignment over the batch (B, Q, T) -> (B, Q) int64.
+
+    Costs are taken as float64, as scipy takes them (integers and bools included). Rows
+    left without a column (Q > T) get -1, and so does every row of a problem scipy cannot
+    solve (no complete assignment, or NaN), so that a problem solved has min(Q, T) rows
+    assigned and one not solved has none.
+    """
     from scipy.optimize import linear_sum_assignment
 
     host = cost.detach().to("cpu", torch.float64).numpy()
-    index = np.empty(host.shape[:2], dtype=np.int64)
+    index = np.full(host.shape[:2], -1, dtype=np.int64)
     for b, problem in enumerate(host):
-        rows, cols = linear_sum_assignment(problem, maximize=maximize)
+        try:
+            rows, cols = linear_sum_assignment(problem, maximize=maximize)
+        except ValueError:  # infeasible, or invalid entries: the caller's checks say which
+            continue
         index[b, rows] = cols
     return torch.from_numpy(index).to(cost.device)

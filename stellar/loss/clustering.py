@@ -18,13 +18,21 @@ def sinkhorn_targets(
     logits: torch.Tensor,
     temperature: float = 0.06,
     n_iters: int = 3,
+    eps: float = 1e-8,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Balanced soft assignments (..., P) float32 of the rows of logits (..., P); rows sum to 1."""
+    """Balanced soft assignments (..., P) float32 of the rows of logits (..., P).
+
+    eps is added to every column and row sum, as the public code does (1e-8); rows sum
+    to 1 except those whose scores sit far below every prototype's best (eps = 0 makes
+    every row sum to 1).
+    """
     flat = logits.detach().reshape(-1, logits.shape[-1]).float()
     # validate=False: the training loop guards the loss against NaN/Inf, and the check
     # would cost a host synchronization per step.
-    q = sk.sinkhorn_knopp(flat / temperature, n_iters=n_iters, backend=backend, validate=False)
+    q = sk.sinkhorn_knopp(
+        flat / temperature, n_iters=n_iters, eps=eps, backend=backend, validate=False
+    )
     return q.view(logits.shape)
 
 

@@ -95,7 +95,11 @@ def component_times(
         logits = s.sparse_head(g1.sparse).flatten(0, 1).float()
     scores = logits / lc["sk_temperature"]
     times["sk_clustering"] = median_ms(
-        lambda: sk.sinkhorn_knopp(scores, n_iters=lc["sk_iters"], backend=kernels), device, rep=rep
+        lambda: sk.sinkhorn_knopp(
+            scores, n_iters=lc["sk_iters"], eps=lc["sk_eps"], backend=kernels
+        ),
+        device,
+        rep=rep,
     )
     pred, target = masked.sparse.float(), g1.sparse.float()
     times["sinkhorn_matching"] = median_ms(

@@ -110,6 +110,9 @@ class LossConfig:
     koleo: Weight = key(range=NON_NEGATIVE)
     sk_temperature: float = key(range=POSITIVE)
     sk_iters: int = key(range=AT_LEAST_ONE)
+    # added to every column and row sum of Sinkhorn-Knopp (the public code's 1e-8); 0 gives
+    # SwAV's exact normalization
+    sk_eps: float = key(1e-8, range=NON_NEGATIVE)
     pred_temperature: float = key(range=POSITIVE)
     matcher: Literal["sinkhorn", "hungarian", "none"] = key()
     match_eps: float = key(range=POSITIVE)

@@ -175,7 +175,11 @@ class StellarSSL(nn.Module):
     def _sk(self, logits: torch.Tensor) -> torch.Tensor:
         lc = self.cfg["loss"]
         return sinkhorn_targets(
-            logits, lc["sk_temperature"], lc["sk_iters"], backend=self.cfg.get("kernels")
+            logits,
+            lc["sk_temperature"],
+            lc["sk_iters"],
+            lc["sk_eps"],
+            backend=self.cfg.get("kernels"),
         )
 
     def mask(
