@@ -43,12 +43,20 @@ def check_positive(name: str, value: object) -> float:
     return float(value)
 
 
-def check_iterations(name: str, value: object) -> int:
+def check_iterations(name: str, value: object, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_non_negative(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
@@ -114,14 +122,19 @@ def check_no_nan(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} contains NaN (shape {tuple(x.shape)})")
 
 
-def raise_if_nonfinite_scores(
-    flag: torch.Tensor, shape: tuple[int, ...], across_ranks: bool
-) -> None:
-    """sinkhorn_knopp's check. Across ranks the flag comes out of the first all-reduce, so
-    every rank raises the same error at the same point and none is left in a collective."""
-    if bool(flag):
+def raise_if_bad_scores(flags: torch.Tensor, shape: tuple[int, ...], across_ranks: bool) -> None:
+    """sinkhorn_knopp's check: one host read of its (3,) flags (reference.SK_FLAGS). Across
+    ranks the flags come out of the first all-reduce, so every rank raises the same error
+    at the same point and none is left in a collective."""
+    from .reference import SK_FLAGS
+
+    found = [what for what, bad in zip(SK_FLAGS, flags.tolist()) if bad]
+    if found:
         where = " on this rank or another" if across_ranks else ""
-        raise ValueError(f"scores contains NaN or an infinity{where} (shape {shape})")
+        raise ValueError(
+            f"scores contains {' and '.join(found)}{where} (shape {shape}); -inf is allowed "
+            "(zero mass) while every row and column keeps a finite score"
+        )
 
 
 def check_rows_fit(name: str, shape: torch.Size | tuple[int, ...]) -> None:

@@ -115,6 +115,78 @@ def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
     return (~(torch.isfinite(lo) & torch.isfinite(hi))).float()
 
 
+SK_FLAGS = ("NaN or +inf", "a row with no finite score", "a column with no finite score")
+"""What each entry of sinkhorn_knopp's (3,) flag vector reports (1 when present)."""
+
+
+def sk_accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Sinkhorn-Knopp computes and returns float64 for float64 scores, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def sk_score_flags(scores: torch.Tensor) -> torch.Tensor:
+    """(2,) float32: NaN or +inf among the scores, a row whose scores are all -inf.
+
+    aminmax propagates NaN and shows +inf, so no N x P mask is formed for the first.
+    """
+    if scores.numel() == 0:
+        return torch.zeros(2, dtype=torch.float32, device=scores.device)
+    hi = scores.amax()
+    return torch.stack([~(hi < INF), (scores.amax(dim=1) == -INF).any()]).float()
+
+
+def sk_flags(col_max: torch.Tensor, score_flags: torch.Tensor) -> torch.Tensor:
+    """The (3,) flags of SK_FLAGS from the all-reduced column max and the score flags.
+
+    A column's max is -inf when no row of any rank has a finite score there. When every
+    column's is, there is no row at all (or every row is flagged already): an empty
+    problem is not an error.
+    """
+    empty = col_max == -INF
+    column = (empty.any() & ~empty.all()).to(score_flags.dtype)
+    return torch.cat([score_flags, column.view(1)])
+
+
+def sk_column_max(
+    scores: torch.Tensor, acc: torch.dtype, group: object | None, flag: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(column max (P,) in `acc`, flags (3,)) over every rank's rows, in one all-reduce.
+
+    The score flags travel with the column max, so every rank learns them; every rank
+    runs the same collectives whatever its row count (zero rows included).
+    """
+    n, p = scores.shape
+    stats = torch.empty(p + 2, dtype=acc, device=scores.device)
+    stats[:p] = scores.amax(dim=0) if n else -INF  # amax of no rows would raise
+    stats[p:] = sk_score_flags(scores) if flag else 0.0
+    if group is not None:
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+    col_max = stats[:p]
+    return col_max, sk_flags(col_max, stats[p:]) if flag else stats[p:].new_zeros(3)
+
+
+def all_reduced_sum(x: torch.Tensor, group: object | None) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+@torch.no_grad()
+def sinkhorn_knopp_zero_iterations(
+    scores: torch.Tensor, group: object | None, flag: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, flags) with q = N exp(s) / sum(exp(s)), the sum over every entry of all ranks'
+    rows and N their count: what SwAV's form returns after no iteration."""
+    acc = sk_accumulator(scores.dtype)
+    col_max, flags = sk_column_max(scores, acc, group, flag)
+    # The global max as the shift (0 when no column has a finite score: nothing to scale).
+    top = col_max.amax() if col_max.numel() else col_max.new_zeros(())
+    q = scores.to(acc) - torch.where(top == -INF, 0.0, top)
+    q.exp_()
+    totals = all_reduced_sum(torch.stack([q.sum(), q.new_tensor(float(q.shape[0]))]), group)
+    return q.mul_(totals[1] / totals[0]), flags
+
+
 @torch.no_grad()
 def sinkhorn_knopp_reference(
     scores: torch.Tensor,
@@ -122,31 +194,39 @@ def sinkhorn_knopp_reference(
     scale: float,
     eps: float,
     group: object | None,
-    flag_nonfinite: bool = False,
+    flag: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager SK: one float32 N x P buffer (the output), normalized in place.
+    """Eager SK on one N x P buffer (the output, float32, or float64 for float64 scores).
 
-    Returns (q, nonfinite): nonfinite is 1 when any rank's scores hold a NaN or an
-    infinity (computed only with flag_nonfinite, else 0). It travels with the column max
-    in the first all-reduce, so every rank learns it, and every rank runs the same
-    collectives whatever its row count (zero rows included).
+    Returns (q, flags): flags (3,) as in SK_FLAGS, computed only with `flag` (else 0).
+
+    eps > 0 is the form of the public STELLAR code: q = exp(s - column max) normalized in
+    place, eps added to every sum; a row whose entries all underflow ends near zero.
+    eps = 0 is SwAV's normalization exactly: the buffer holds log q, and each row step
+    subtracts the row's log-sum-exp, so every row sums to 1 whatever the scores. Column
+    sums need no such care: the column step leaves each column with unit mass, so after
+    the row step a column still holds at least 1/P of it (scale 1).
     """
-    n, p = scores.shape
-    stats = torch.empty(p + 1, dtype=torch.float32, device=scores.device)
-    stats[:p] = scores.amax(dim=0) if n else -INF  # amax of no rows would raise
-    stats[p] = nonfinite_flag(scores) if flag_nonfinite else 0.0
-    if group is not None:
-        dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
-    col_max, nonfinite = stats[:p], stats[p]
-    q = scores.float() - col_max  # the output buffer; every later step is in place
-    q.exp_()
-    for _ in range(n_iters):
-        col_sum = q.sum(dim=0)
-        if group is not None:
-            dist.all_reduce(col_sum, op=dist.ReduceOp.SUM, group=group)
-        q.div_(col_sum.add_(eps).pow_(scale))
-        q.div_(q.sum(dim=1, keepdim=True).add_(eps))
-    return q, nonfinite
+    if n_iters == 0:
+        return sinkhorn_knopp_zero_iterations(scores, group, flag)
+    acc = sk_accumulator(scores.dtype)
+    col_max, flags = sk_column_max(scores, acc, group, flag)
+    q = scores.to(acc) - col_max  # the output buffer; every later step is in place
+    if eps > 0:
+        q.exp_()
+        for _ in range(n_iters):
+            col_sum = all_reduced_sum(q.sum(dim=0), group)
+            q.div_(col_sum.add_(eps).pow_(scale))
+            q.div_(q.sum(dim=1, keepdim=True).add_(eps))
+        return q, flags
+    for it in range(n_iters):
+        col_sum = all_reduced_sum(q.exp().sum(dim=0), group)
+        q.sub_(col_sum.log_().mul_(scale))
+        if it < n_iters - 1:
+            q.sub_(torch.logsumexp(q, dim=1, keepdim=True))
+    # The last row step divides by the sum itself (a softmax): exp of a rounded log-sum-exp
+    # would be off by an ulp of the row's offset, 1e-5 at an offset of 100.
+    return torch.softmax(q, dim=1), flags
 
 
 # ----------------------------------------------------------------------------- localization

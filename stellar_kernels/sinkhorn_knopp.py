@@ -66,12 +66,18 @@ from ._backend import resolve_backend
 from ._triton import autotune, bound_launch, on_device, sm_count, tl, triton, tune_key
 from ._validation import (
     check_iterations,
+    check_non_negative,
     check_positive,
     check_tensor,
     checking,
-    raise_if_nonfinite_scores,
+    raise_if_bad_scores,
 )
-from .reference import sinkhorn_knopp_reference
+from .reference import (
+    sinkhorn_knopp_reference,
+    sinkhorn_knopp_zero_iterations,
+    sk_accumulator,
+    sk_flags,
+)
 
 
 def distributed_group(group: object | None, local: bool) -> object | None:
@@ -95,11 +101,13 @@ def _sk_colstats_kernel(
     pmax_ptr,
     psum_ptr,
     flag_ptr,
+    seen_ptr,
     N,
     P,
     stride_n,
     stride_p,
     rows_per_split,
+    CHECK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -107,17 +115,20 @@ def _sk_colstats_kernel(
 
     The running max is rescaled as in flash attention, so the max and the sums
     come from one read. Writes pmax[split, col] and psum[split, col], and raises
-    flag[0] to 1 if the block holds a NaN or an infinity.
+    flag[0] to 1 if the block holds a NaN or +inf. CHECK_ROWS: raises seen[row] to 1
+    for every row with a finite score in the block (a row that none raises has none).
+    Everything is computed in the dtype of pmax (float32, or float64).
     """
+    acc_ty = pmax_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
     split = tl.program_id(1)
     cols = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     cmask = cols < P
     col_off = cols.to(tl.int64) * stride_p
     row0 = split * rows_per_split
-    run_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
-    run_sum = tl.zeros([BLOCK_P], tl.float32)
-    bad = tl.zeros([BLOCK_P], tl.float32)
+    run_max = tl.full([BLOCK_P], float("-inf"), acc_ty)
+    run_sum = tl.zeros([BLOCK_P], acc_ty)
+    bad = tl.zeros([BLOCK_P], acc_ty)
     for i in range(0, rows_per_split, BLOCK_N):
         rows = row0 + i + tl.arange(0, BLOCK_N)
         mask = (rows < N)[:, None] & cmask[None, :]
@@ -125,9 +136,12 @@ def _sk_colstats_kernel(
             s_ptr + rows.to(tl.int64)[:, None] * stride_n + col_off[None, :],
             mask=mask,
             other=float("-inf"),
-        ).to(tl.float32)
-        nonfinite = mask & ((s != s) | (tl.abs(s) == float("inf")))
-        bad = tl.maximum(bad, tl.max(nonfinite.to(tl.float32), axis=0))
+        ).to(acc_ty)
+        nonfinite = mask & ((s != s) | (s == float("inf")))
+        bad = tl.maximum(bad, tl.max(nonfinite.to(acc_ty), axis=0))
+        if CHECK_ROWS:
+            finite = (s > float("-inf")).to(tl.int32)  # false where masked, -inf or NaN
+            tl.atomic_max(seen_ptr + rows, tl.max(finite, axis=1), mask=rows < N)
         new_max = tl.maximum(run_max, tl.max(s, axis=0))
         shift = tl.where(new_max == float("-inf"), 0.0, new_max)
         run_sum = run_sum * tl.exp(run_max - shift) + tl.sum(tl.exp(s - shift[None, :]), axis=0)
@@ -162,10 +176,11 @@ def _sk_reduce_kernel(
     FINISH: applies the column step b -= scale * log(colsum + eps) (b = 0
     before the first); else writes colsum for an all-reduce.
     """
+    acc_ty = psum_ptr.dtype.element_ty
     cols = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     cmask = cols < P
     if FIRST:
-        col_max = tl.full([BLOCK_P], float("-inf"), tl.float32)
+        col_max = tl.full([BLOCK_P], float("-inf"), acc_ty)
         for r0 in range(0, R, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             offs = rows.to(tl.int64)[:, None] * P + cols[None, :]
@@ -174,7 +189,7 @@ def _sk_reduce_kernel(
             col_max = tl.maximum(col_max, tl.max(pm, axis=0))
         tl.store(m_ptr + cols, col_max, mask=cmask)
         shift = tl.where(col_max == float("-inf"), 0.0, col_max)
-    acc = tl.zeros([BLOCK_P], tl.float32)
+    acc = tl.zeros([BLOCK_P], acc_ty)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         offs = rows.to(tl.int64)[:, None] * P + cols[None, :]
@@ -210,6 +225,7 @@ def _sk_rows_resident_kernel(
     stride_p,
     eps,
     LAST: tl.constexpr,
+    EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
     PREFETCH: tl.constexpr,
@@ -220,6 +236,9 @@ def _sk_rows_resident_kernel(
     gives e = exp(s - m + b + a), the row sums r, the new a = a - log(r + eps)
     and, from the same registers, e / (r + eps): summed over the rows into this
     program's partial column sums, or (LAST) stored as q.
+
+    EXACT (eps = 0): the exponent is shifted by the row's max first, so a row whose
+    entries would all underflow is still normalized (r >= 1, from the max).
 
     PREFETCH: the load of the program's next row block is issued before the current one
     is reduced, so that a read is in flight while the row sums are formed (two blocks in
@@ -232,7 +251,8 @@ def _sk_rows_resident_kernel(
     cols = tl.arange(0, BLOCK_P)[None, :]
     cmask = cols < P
     col_off = cols.to(tl.int64) * stride_p
-    col_acc = tl.zeros([1, BLOCK_P], tl.float32)
+    acc_ty = a_ptr.dtype.element_ty
+    col_acc = tl.zeros([1, BLOCK_P], acc_ty)
     block_rows = tl.arange(0, BLOCK_N)[:, None]
     if PREFETCH:
         ahead = pid * BLOCK_N + block_rows
@@ -248,7 +268,7 @@ def _sk_rows_resident_kernel(
         rows64 = rows.to(tl.int64)
         mask = rmask & cmask
         if PREFETCH:
-            s = s_ahead.to(tl.float32)
+            s = s_ahead.to(acc_ty)
             ahead = rows + n_prog * BLOCK_N  # past N on the last block: nothing is read
             s_ahead = tl.load(
                 s_ptr + ahead.to(tl.int64) * stride_n + col_off,
@@ -262,13 +282,22 @@ def _sk_rows_resident_kernel(
                 mask=mask,
                 other=float("-inf"),
                 eviction_policy="evict_first",
-            ).to(tl.float32)
+            ).to(acc_ty)
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
         a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
-        e = tl.exp((s - m) + (b + a))
-        row_sum = tl.sum(e, axis=1, keep_dims=True) + eps
-        tl.store(a_ptr + rows, a - tl.log(row_sum), mask=rmask)
+        t = (s - m) + (b + a)
+        if EXACT:
+            row_max = tl.max(t, axis=1, keep_dims=True)
+            shift = tl.where(row_max == float("-inf"), 0.0, row_max)  # rows past N
+            e = tl.exp(t - shift)
+            row_sum = tl.sum(e, axis=1, keep_dims=True)
+            row_sum = tl.where(row_max == float("-inf"), 1.0, row_sum)
+            tl.store(a_ptr + rows, a - (shift + tl.log(row_sum)), mask=rmask)
+        else:
+            e = tl.exp(t)
+            row_sum = tl.sum(e, axis=1, keep_dims=True) + eps
+            tl.store(a_ptr + rows, a - tl.log(row_sum), mask=rmask)
         e = e * (1.0 / row_sum)
         if LAST:
             tl.store(q_ptr + rows64 * P + cols, e, mask=mask)
@@ -293,21 +322,24 @@ def _sk_rows_chunked_kernel(
     stride_p,
     eps,
     LAST: tl.constexpr,
+    EXACT: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     """The resident kernel's job for rows wider than one tile: two sweeps over a row block.
 
-    Sweep 1 sums e = exp(s - m + b + a) over the row; sweep 2 re-reads the
-    block (from L2 when it is still there) and writes the block's partial
-    column sums of e / (r + eps), or (LAST) q.
+    Sweep 1 sums e = exp(s - m + b + a) over the row (EXACT: shifted by a running row
+    max, rescaled as in flash attention); sweep 2 re-reads the block (from L2 when it is
+    still there) and writes the block's partial column sums of e / (r + eps), or (LAST) q.
     """
+    acc_ty = a_ptr.dtype.element_ty
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
     rows64 = rows.to(tl.int64)
     a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
-    row_sum = tl.zeros([BLOCK_N], tl.float32)
+    row_sum = tl.zeros([BLOCK_N], acc_ty)
+    row_max = tl.full([BLOCK_N], float("-inf"), acc_ty)
     for p0 in range(0, P, BLOCK_P):
         cols = p0 + tl.arange(0, BLOCK_P)
         cmask = cols < P
@@ -316,13 +348,30 @@ def _sk_rows_chunked_kernel(
             s_ptr + rows64[:, None] * stride_n + cols.to(tl.int64)[None, :] * stride_p,
             mask=mask,
             other=float("-inf"),
-        ).to(tl.float32)
+        ).to(acc_ty)
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-        row_sum += tl.sum(tl.exp((s - m[None, :]) + (b[None, :] + a[:, None])), axis=1)
-    row_sum += eps
-    tl.store(a_ptr + rows, a - tl.log(row_sum), mask=rmask)
-    inv = 1.0 / row_sum
+        t = (s - m[None, :]) + (b[None, :] + a[:, None])
+        if EXACT:
+            new_max = tl.maximum(row_max, tl.max(t, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            row_sum = row_sum * tl.exp(row_max - shift) + tl.sum(tl.exp(t - shift[:, None]), axis=1)
+            row_max = new_max
+        else:
+            row_sum += tl.sum(tl.exp(t), axis=1)
+    if EXACT:
+        # The second sweep divides by the sum itself, not by exp of the rounded log-sum-exp
+        # in a, which at a large row offset is off by an ulp of that offset.
+        empty = row_max == float("-inf")  # rows past N
+        shift = tl.where(empty, 0.0, row_max)
+        row_sum = tl.where(empty, 1.0, row_sum)
+        a_new = a - (shift + tl.log(row_sum))
+        inv = 1.0 / row_sum
+    else:
+        row_sum += eps
+        a_new = a - tl.log(row_sum)
+        inv = 1.0 / row_sum
+    tl.store(a_ptr + rows, a_new, mask=rmask)
     for p0 in range(0, P, BLOCK_P):
         cols = p0 + tl.arange(0, BLOCK_P)
         cmask = cols < P
@@ -332,10 +381,14 @@ def _sk_rows_chunked_kernel(
             mask=mask,
             other=float("-inf"),
             eviction_policy="evict_first",
-        ).to(tl.float32)
+        ).to(acc_ty)
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-        e = tl.exp((s - m[None, :]) + (b[None, :] + a[:, None])) * inv[:, None]
+        t = (s - m[None, :]) + (b[None, :] + a[:, None])
+        if EXACT:
+            e = tl.exp(t - shift[:, None]) * inv[:, None]
+        else:
+            e = tl.exp(t) * inv[:, None]
         if LAST:
             tl.store(q_ptr + rows64[:, None] * P + cols[None, :], e, mask=mask)
         else:
@@ -377,27 +430,38 @@ def resident_programs(N: int, block_n: int, num_warps: int, n_sm: int) -> int:
 
 
 def sinkhorn_knopp_triton(
-    scores: torch.Tensor, n_iters: int, scale: float, eps: float, group: object | None
+    scores: torch.Tensor,
+    n_iters: int,
+    scale: float,
+    eps: float,
+    group: object | None,
+    flag: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launches the passes described in the module docstring; all-reduces between them if `group`.
 
-    Returns (q, nonfinite): nonfinite is a 0-dim float32, 1 when the scores of any rank
-    hold a NaN or an infinity.
+    Returns (q, flags): flags (3,) as in `reference.SK_FLAGS`, the same on every rank,
+    computed only with `flag` (else 0). n_iters = 0 is one elementwise pass, left to the
+    reference's code.
     """
+    if n_iters == 0:
+        return sinkhorn_knopp_zero_iterations(scores, group, flag)
     N, P = scores.shape
     device = scores.device
-    f32 = torch.float32
-    q = torch.empty((N, P), dtype=f32, device=device)
-    stats = torch.zeros(P + 1, dtype=f32, device=device)  # column max m, then the flag
-    if P == 0 or (N == 0 and group is None):  # P is the same on every rank
-        return q, stats[P]
+    acc = sk_accumulator(scores.dtype)
+    q = torch.empty((N, P), dtype=acc, device=device)
+    # Column max m, then the score flags (NaN or +inf; a row with no finite score): the
+    # flags travel with m in the first all-reduce.
+    stats = torch.zeros(P + 2, dtype=acc, device=device)
     m = stats[:P]
-    b = torch.empty(P, dtype=f32, device=device)
-    a = torch.zeros(N, dtype=f32, device=device)
-    colsum = torch.empty(P, dtype=f32, device=device) if group is not None else b
+    if P == 0 or (N == 0 and group is None):  # P is the same on every rank
+        return q, stats.new_zeros(3)
+    b = torch.empty(P, dtype=acc, device=device)
+    a = torch.zeros(N, dtype=acc, device=device)
+    colsum = torch.empty(P, dtype=acc, device=device) if group is not None else b
     n_sm = sm_count(device)
     stride_n, stride_p = scores.stride()
     scratch = q.view(-1)  # holds partial statistics until the last pass writes q
+    exact = eps == 0
 
     def reduce(pmax, psum, rows, first, finish):
         grid = (triton.cdiv(P, REDUCE_BLOCK_P),)
@@ -408,7 +472,7 @@ def sinkhorn_knopp_triton(
         )  # fmt: skip
 
     with on_device(device):
-        # Pass 1: column max and column sums of exp(s - max), and the non-finite flag.
+        # Pass 1: column max and column sums of exp(s - max), and the score flags.
         if N:
             col_blocks = triton.cdiv(P, COLSTATS_BLOCK_P)
             row_tiles = triton.cdiv(N, COLSTATS_BLOCK_N)
@@ -418,12 +482,16 @@ def sinkhorn_knopp_triton(
             if 2 * splits <= N:
                 pmax, psum = scratch[: splits * P], scratch[splits * P : 2 * splits * P]
             else:
-                pmax = torch.empty(splits * P, dtype=f32, device=device)
-                psum = torch.empty(splits * P, dtype=f32, device=device)
+                pmax = torch.empty(splits * P, dtype=acc, device=device)
+                psum = torch.empty(splits * P, dtype=acc, device=device)
+            seen = torch.zeros(N if flag else 1, dtype=torch.int32, device=device)
             _sk_colstats_kernel[(col_blocks, splits)](
-                scores, pmax, psum, stats[P:], N, P, stride_n, stride_p, rows_per_split,
-                BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P, num_warps=COLSTATS_WARPS,
+                scores, pmax, psum, stats[P:], seen, N, P, stride_n, stride_p, rows_per_split,
+                CHECK_ROWS=flag, BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P,
+                num_warps=COLSTATS_WARPS,
             )  # fmt: skip
+            if flag:
+                stats[P + 1] = (seen == 0).any()
             reduce(pmax, psum, splits, first=True, finish=group is None)
         else:  # no rows here: neutral statistics for the collectives
             m.fill_(float("-inf"))
@@ -435,11 +503,13 @@ def sinkhorn_knopp_triton(
                 colsum.mul_(torch.exp(local_max - m))  # rescale to the global max
             dist.all_reduce(colsum, op=dist.ReduceOp.SUM, group=group)
             torch.mul(colsum.add_(eps).log_(), -scale, out=b)
+        flags = sk_flags(m, stats[P:]) if flag else stats.new_zeros(3)
 
         # Passes 2..n_iters+1: row step, then the next column sums or (last) q.
+        options = {"EXACT": exact}
         if max(16, triton.next_power_of_2(P)) <= MAX_RESIDENT_P:
             block_n, block_p, num_warps = resident_config(P)
-            options = {"BLOCK_N": block_n, "BLOCK_P": block_p}
+            options.update(BLOCK_N=block_n, BLOCK_P=block_p)
             if N:
                 # Timed on row duals of its own (a pass updates them); the partial sums it
                 # writes land in q's memory, which the last pass overwrites.
@@ -453,14 +523,14 @@ def sinkhorn_knopp_triton(
                         eps, LAST=False, PREFETCH=prefetch, num_warps=warps, **options,
                     )  # fmt: skip
 
-                key = tune_key("sinkhorn_knopp_rows", device, scores.dtype, N, P)
+                key = tune_key("sinkhorn_knopp_rows", device, scores.dtype, N, P, exact)
                 prefetch, num_warps = autotune(key, resident_candidates(num_warps), timed, device)
                 options["PREFETCH"] = prefetch
             kernel = _sk_rows_resident_kernel
             n_prog = resident_programs(N, block_n, num_warps, n_sm)
         else:
             block_n, block_p, num_warps = CHUNKED_BLOCK_N, CHUNKED_BLOCK_P, CHUNKED_WARPS
-            options = {"BLOCK_N": block_n, "BLOCK_P": block_p}
+            options.update(BLOCK_N=block_n, BLOCK_P=block_p)
             kernel = _sk_rows_chunked_kernel
             n_prog = triton.cdiv(N, block_n)
         part = scratch[: n_prog * P]  # n_prog <= N
@@ -482,7 +552,7 @@ def sinkhorn_knopp_triton(
                 colsum.zero_()
             dist.all_reduce(colsum, op=dist.ReduceOp.SUM, group=group)
             b.sub_(colsum.add_(eps).log_().mul_(scale))
-    return q, stats[P]
+    return q, flags
 
 
 # The local Triton path as a custom op, so that torch.compile traces through it.
@@ -493,47 +563,60 @@ def sinkhorn_knopp_op(scores: torch.Tensor, n_iters: int, scale: float, eps: flo
 
 @sinkhorn_knopp_op.register_fake
 def _sinkhorn_knopp_fake(scores, n_iters, scale, eps):
-    return scores.new_empty(scores.shape, dtype=torch.float32)
+    return scores.new_empty(scores.shape, dtype=sk_accumulator(scores.dtype))
 
 
 def sinkhorn_knopp(
     scores: torch.Tensor,
     n_iters: int = 3,
     scale: float = 1.0,
-    eps: float = 1e-8,
+    eps: float = 0.0,
     group: object | None = None,
     local: bool = False,
     *,
     backend: str | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Balanced soft assignment of N rows to P prototypes.
+    """Balanced soft assignment of N rows to P prototypes (SwAV's Sinkhorn-Knopp).
+
+    With the defaults this is the Sinkhorn-Knopp of SwAV, DINOv2/iBOT and solo-learn
+    called as ``sinkhorn_knopp(logits / temperature, n_iters)``: every row of the result
+    sums to 1, whatever the scores (computed in the log domain where the plain form
+    would underflow). See docs/dropin.md for each client's one-line swap.
 
     Args:
         scores: (N, P) logits already divided by the SK temperature; any float dtype.
-            N may differ between ranks, zero included; P may not.
-        n_iters: column-then-row normalization rounds (>= 1).
+            N may differ between ranks, zero included; P may not. -inf scores get zero
+            mass (log-probabilities with exact zeros work).
+        n_iters: column-then-row normalization rounds (>= 0). 0 returns
+            N exp(s) / sum(exp(s)), the sum over every entry of all ranks' rows and N
+            their count, as SwAV's form does; rows are then not normalized.
         scale: exponent of the column normalization (> 0; 1.0 is plain SK).
-        eps: added to every column and row sum (> 0).
+        eps: added to every column and row sum (>= 0). 0 (default) normalizes exactly;
+            the public STELLAR code and CAPI add 1e-8, which leaves a row whose scores
+            sit far (about 18 or more) below every prototype's best with a sum near 0.
         group: process group for the column all-reduces; None means the default
             group when torch.distributed is initialized.
         local: never communicate (for a call made on some ranks only).
         backend: None (Triton on CUDA tensors, else the PyTorch reference; the reference
             also where triton is not installed), "torch" or "triton" (a CUDA tensor, or a
-            CPU tensor under TRITON_INTERPRET=1; else ValueError).
-        validate: raise ValueError if the scores hold a NaN or an infinity; across ranks
-            every rank raises, whichever rank's scores hold it (one host read, after the
-            same collectives everywhere). Skipped while torch.compile traces and while a
-            CUDA graph captures, and everywhere with validate=False.
+            CPU tensor under TRITON_INTERPRET=1; else ValueError). Both compute float64
+            scores in float64. n_iters=0 runs the reference's one elementwise pass on
+            every backend.
+        validate: raise ValueError if the scores hold NaN or +inf, or a row or a column
+            with no finite score; across ranks every rank raises, whichever rank's scores
+            hold it (one host read, after the same collectives everywhere). Skipped while
+            torch.compile traces and while a CUDA graph captures, and everywhere with
+            validate=False.
 
     Returns:
-        q (N, P) float32; `scores` is not modified. q is a target: it never requires
-        grad, on any backend.
+        q (N, P): float64 for float64 scores, else float32; `scores` is not modified.
+        q is a target: it never requires grad, on any backend.
     """
     check_tensor("scores", scores, (2,))
-    n_iters = check_iterations("n_iters", n_iters)
+    n_iters = check_iterations("n_iters", n_iters, minimum=0)
     scale = check_positive("scale", scale)
-    eps = check_positive("eps", eps)
+    eps = check_non_negative("eps", eps)
     impl = resolve_backend(
         "sinkhorn_knopp", backend, scores.device, ("torch", "triton"), "triton", "torch"
     )
@@ -543,9 +626,9 @@ def sinkhorn_knopp(
     if impl == "triton":
         if pg is None and torch.compiler.is_compiling():
             return sinkhorn_knopp_op(scores, n_iters, scale, eps)
-        q, nonfinite = sinkhorn_knopp_triton(scores, n_iters, scale, eps, pg)
+        q, flags = sinkhorn_knopp_triton(scores, n_iters, scale, eps, pg, check)
     else:
-        q, nonfinite = sinkhorn_knopp_reference(scores, n_iters, scale, eps, pg, check)
+        q, flags = sinkhorn_knopp_reference(scores, n_iters, scale, eps, pg, check)
     if check:
-        raise_if_nonfinite_scores(nonfinite, tuple(scores.shape), pg is not None)
+        raise_if_bad_scores(flags, tuple(scores.shape), pg is not None)
     return q

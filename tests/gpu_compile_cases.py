@@ -66,13 +66,18 @@ def match_tokens_cases() -> list[tuple[str, object, dict, int]]:
 
 
 def _row_args(
-    s: torch.Tensor, block_n: int, block_p: int, last: bool, prefetch: int | None = None
+    s: torch.Tensor,
+    acc: torch.Tensor,
+    block_n: int,
+    block_p: int,
+    last: bool,
+    exact: bool,
+    prefetch: int | None = None,
 ) -> dict:
-    f32 = torch.empty(1)
     args = dict(
-        s_ptr=s, m_ptr=f32, b_ptr=f32, a_ptr=f32, part_ptr=f32, q_ptr=f32,
-        N=1000, P=1000, stride_n=1000, stride_p=1, eps=1e-8,
-        LAST=last, BLOCK_N=block_n, BLOCK_P=block_p,
+        s_ptr=s, m_ptr=acc, b_ptr=acc, a_ptr=acc, part_ptr=acc, q_ptr=acc,
+        N=1000, P=1000, stride_n=1000, stride_p=1, eps=0.0 if exact else 1e-8,
+        LAST=last, EXACT=exact, BLOCK_N=block_n, BLOCK_P=block_p,
     )  # fmt: skip
     if prefetch is not None:  # the resident kernel's
         args["PREFETCH"] = prefetch
@@ -80,47 +85,64 @@ def _row_args(
 
 
 def sinkhorn_knopp_cases() -> list[tuple[str, object, dict, int]]:
-    """Every kernel for every score dtype (float64 included) and every resident BLOCK_P."""
+    """Every kernel for every score dtype (float64 scores with float64 statistics), every
+    resident BLOCK_P and both row steps (EXACT: eps = 0, shifted by the row max)."""
     skm = importlib.import_module("stellar_kernels.sinkhorn_knopp")
 
     cases = []
-    f32 = torch.empty(1)
+    f32, f64, i32 = (torch.empty(1, dtype=d) for d in (torch.float32, torch.float64, torch.int32))
     scores = [torch.empty(1, dtype=d) for d in (torch.float32, torch.float64)]
     scores += [torch.empty(1, dtype=d) for d in (torch.bfloat16, torch.float16)]
+
+    def acc(s: torch.Tensor) -> torch.Tensor:
+        return f64 if s.dtype == torch.float64 else f32
+
     for s in scores:
-        args = dict(
-            s_ptr=s, pmax_ptr=f32, psum_ptr=f32, flag_ptr=f32, N=1000, P=1000,
-            stride_n=1000, stride_p=1, rows_per_split=64,
-            BLOCK_N=skm.COLSTATS_BLOCK_N, BLOCK_P=skm.COLSTATS_BLOCK_P,
-        )  # fmt: skip
-        cases.append((f"colstats/{s.dtype}", skm._sk_colstats_kernel, args, skm.COLSTATS_WARPS))
-    for first in (False, True):
-        for finish in (False, True):
+        for check_rows in (False, True):
             args = dict(
-                pmax_ptr=f32, psum_ptr=f32, m_ptr=f32, b_ptr=f32, colsum_ptr=f32,
-                R=100, P=1000, scale=1.0, eps=1e-8, FIRST=first, FINISH=finish,
-                BLOCK_R=skm.REDUCE_BLOCK_R, BLOCK_P=skm.REDUCE_BLOCK_P,
+                s_ptr=s, pmax_ptr=acc(s), psum_ptr=acc(s), flag_ptr=acc(s), seen_ptr=i32,
+                N=1000, P=1000, stride_n=1000, stride_p=1, rows_per_split=64,
+                CHECK_ROWS=check_rows, BLOCK_N=skm.COLSTATS_BLOCK_N,
+                BLOCK_P=skm.COLSTATS_BLOCK_P,
             )  # fmt: skip
-            label = f"reduce/first={first}/finish={finish}"
-            cases.append((label, skm._sk_reduce_kernel, args, skm.REDUCE_WARPS))
+            label = f"colstats/{s.dtype}/check_rows={check_rows}"
+            cases.append((label, skm._sk_colstats_kernel, args, skm.COLSTATS_WARPS))
+    for a in (f32, f64):
+        for first in (False, True):
+            for finish in (False, True):
+                args = dict(
+                    pmax_ptr=a, psum_ptr=a, m_ptr=a, b_ptr=a, colsum_ptr=a,
+                    R=100, P=1000, scale=1.0, eps=1e-8, FIRST=first, FINISH=finish,
+                    BLOCK_R=skm.REDUCE_BLOCK_R, BLOCK_P=skm.REDUCE_BLOCK_P,
+                )  # fmt: skip
+                label = f"reduce/{a.dtype}/first={first}/finish={finish}"
+                cases.append((label, skm._sk_reduce_kernel, args, skm.REDUCE_WARPS))
     resident = [1 << k for k in range(4, skm.MAX_RESIDENT_P.bit_length())]
-    for last in (False, True):
-        for block_p in resident:
-            block_n, block_p, default_warps = skm.resident_config(block_p)
-            for prefetch, warps in skm.resident_candidates(default_warps):
-                args = _row_args(f32, block_n, block_p, last, prefetch)
-                label = f"resident/P{block_p}/last={last}/prefetch={prefetch}/warps={warps}"
-                cases.append((label, skm._sk_rows_resident_kernel, args, warps))
-        block_n, block_p, default_warps = skm.resident_config(skm.MAX_RESIDENT_P)
-        for s in scores[1:]:
-            for prefetch, warps in skm.resident_candidates(default_warps):
-                args = _row_args(s, block_n, block_p, last, prefetch)
-                label = f"resident/{s.dtype}/last={last}/prefetch={prefetch}/warps={warps}"
-                cases.append((label, skm._sk_rows_resident_kernel, args, warps))
-        for s in scores:
-            args = _row_args(s, skm.CHUNKED_BLOCK_N, skm.CHUNKED_BLOCK_P, last)
-            label = f"chunked/{s.dtype}/last={last}"
-            cases.append((label, skm._sk_rows_chunked_kernel, args, skm.CHUNKED_WARPS))
+    for exact in (False, True):
+        for last in (False, True):
+            for block_p in resident:
+                block_n, block_p, default_warps = skm.resident_config(block_p)
+                for prefetch, warps in skm.resident_candidates(default_warps):
+                    args = _row_args(f32, f32, block_n, block_p, last, exact, prefetch)
+                    label = (
+                        f"resident/P{block_p}/last={last}/exact={exact}/prefetch={prefetch}"
+                        f"/warps={warps}"
+                    )
+                    cases.append((label, skm._sk_rows_resident_kernel, args, warps))
+            block_n, block_p, default_warps = skm.resident_config(skm.MAX_RESIDENT_P)
+            for s in scores[1:]:
+                for prefetch, warps in skm.resident_candidates(default_warps):
+                    args = _row_args(s, acc(s), block_n, block_p, last, exact, prefetch)
+                    label = (
+                        f"resident/{s.dtype}/last={last}/exact={exact}/prefetch={prefetch}"
+                        f"/warps={warps}"
+                    )
+                    cases.append((label, skm._sk_rows_resident_kernel, args, warps))
+            for s in scores:
+                block = (skm.CHUNKED_BLOCK_N, skm.CHUNKED_BLOCK_P)
+                args = _row_args(s, acc(s), *block, last, exact)
+                label = f"chunked/{s.dtype}/last={last}/exact={exact}"
+                cases.append((label, skm._sk_rows_chunked_kernel, args, skm.CHUNKED_WARPS))
     return cases
 
 

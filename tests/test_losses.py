@@ -65,7 +65,10 @@ def test_sinkhorn_targets_are_the_kernels_sk_of_scaled_logits():
     logits = torch.rand(3, 5, 12) * 2 - 1
     q = sinkhorn_targets(logits, 0.06, 3)
     assert q.shape == (3, 5, 12) and not q.requires_grad
-    torch.testing.assert_close(q.view(15, 12), sk.sinkhorn_knopp(logits.view(15, 12) / 0.06, 3))
+    # The public code's sum term (eps 1e-8) by default, as the training loop passes it.
+    want = sk.sinkhorn_knopp(logits.view(15, 12) / 0.06, 3, eps=1e-8)
+    assert torch.equal(q.view(15, 12), want)
+    assert not torch.equal(want, sk.sinkhorn_knopp(logits.view(15, 12) / 0.06, 3))
     torch.testing.assert_close(q.sum(-1), torch.ones(3, 5))
 
 

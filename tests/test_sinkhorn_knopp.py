@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from scipy.special import logsumexp
 
 import stellar_kernels as sk
 from stellar_kernels._triton import HAS_TRITON
@@ -23,6 +24,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def sk_float64(scores: np.ndarray, n_iters: int, scale: float, eps: float) -> np.ndarray:
+    """The public STELLAR code's form: exp(s - column max), eps added to every sum."""
     q = np.exp(scores - scores.max(axis=0, keepdims=True))
     for _ in range(n_iters):
         q = q / (q.sum(axis=0, keepdims=True) + eps) ** scale
@@ -30,10 +32,32 @@ def sk_float64(scores: np.ndarray, n_iters: int, scale: float, eps: float) -> np
     return q
 
 
-def check_float64(q: torch.Tensor, scores: torch.Tensor, n_iters=3, scale=1.0, atol=1e-7):
-    assert q.dtype == torch.float32 and q.shape == scores.shape
-    expected = sk_float64(scores.double().cpu().numpy(), n_iters, scale, 1e-8)
-    np.testing.assert_allclose(q.cpu().numpy(), expected, rtol=1e-4, atol=atol)
+def sk_float64_log(scores: np.ndarray, n_iters: int, scale: float = 1.0) -> np.ndarray:
+    """SwAV's normalization (no term added to the sums) in float64 log space, so that no
+    row underflows whatever its scores. The column max is subtracted first: with scale != 1
+    the result depends on it (it is part of the definition, as in sk_float64)."""
+    log_q = scores.astype(np.float64) - scores.max(axis=0, keepdims=True)
+    for _ in range(n_iters):
+        log_q = log_q - scale * logsumexp(log_q, axis=0, keepdims=True)
+        log_q = log_q - logsumexp(log_q, axis=1, keepdims=True)
+    return np.exp(log_q)
+
+
+def check_float64(
+    q: torch.Tensor, scores: torch.Tensor, n_iters=3, scale=1.0, atol=1e-7, eps=0.0
+):
+    """q against float64 math: to 1e-12 for float64 scores, else float32 accuracy."""
+    want = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    assert q.dtype == want and q.shape == scores.shape
+    host = scores.double().cpu().numpy()
+    if eps == 0:
+        expected = sk_float64_log(host, n_iters, scale)
+    else:
+        expected = sk_float64(host, n_iters, scale, eps)
+    if want == torch.float64:
+        np.testing.assert_allclose(q.cpu().numpy(), expected, rtol=0, atol=1e-12)
+    else:
+        np.testing.assert_allclose(q.cpu().numpy(), expected, rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +81,101 @@ def test_huge_logits_stay_finite(rng_seed):
     q = sk.sinkhorn_knopp(scores, backend="torch")
     assert torch.isfinite(q).all()
     check_float64(q, scores, atol=1e-6)
+
+
+BOTH = ["torch", pytest.param("triton", marks=needs_triton)]
+
+
+def outlier_scores(n: int, p: int, dtype=torch.float32) -> torch.Tensor:
+    """Logits / temperature with rows far below every column's best: the rows that a term
+    added to the sums (eps) leaves unnormalized, and that underflow in the linear domain."""
+    scores = torch.randn(n, p, dtype=torch.float64) * 3
+    rows = torch.randperm(n)[:3]
+    scores[rows] -= torch.tensor([25.0, 200.0, 1000.0], dtype=torch.float64)[:, None]
+    return scores.to(dtype)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("n,p,n_iters", [(9, 5, 1), (40, 33, 3), (17, 130, 4)])
+def test_every_row_sums_to_one_whatever_the_scores(rng_seed, backend, n, p, n_iters):
+    scores = outlier_scores(n, p)
+    q = sk.sinkhorn_knopp(scores.to(DEVICE), n_iters=n_iters, backend=backend)
+    torch.testing.assert_close(q.sum(dim=1).cpu(), torch.ones(n), rtol=0, atol=2e-6)
+    check_float64(q, scores, n_iters, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_eps_adds_to_every_sum_as_the_public_code(rng_seed, backend):
+    scores = outlier_scores(23, 31)
+    q = sk.sinkhorn_knopp(scores.to(DEVICE), eps=1e-8, backend=backend)
+    check_float64(q, scores, eps=1e-8, atol=1e-6)
+    assert q.sum(dim=1).min() < 1e-3  # the outlier rows are left near zero, as there
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("n,p,n_iters,eps", [(13, 21, 3, 0.0), (40, 7, 2, 1e-8), (3, 70, 1, 0.0)])
+def test_float64_scores_are_computed_in_float64(rng_seed, backend, n, p, n_iters, eps):
+    scores = torch.randn(n, p, dtype=torch.float64) * 5
+    q = sk.sinkhorn_knopp(scores.to(DEVICE), n_iters=n_iters, eps=eps, backend=backend)
+    check_float64(q, scores, n_iters, eps=eps)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_iterations_is_the_scaled_softmax_over_every_entry(rng_seed, backend, dtype):
+    scores = (torch.randn(11, 6, dtype=torch.float64) * 4).to(dtype)
+    q = sk.sinkhorn_knopp(scores.to(DEVICE), n_iters=0, backend=backend)
+    e = np.exp(scores.double().numpy())
+    want = 11 * e / e.sum()
+    assert q.dtype == dtype
+    atol = 1e-12 if dtype == torch.float64 else 1e-6
+    np.testing.assert_allclose(q.cpu().numpy(), want, rtol=1e-5 if atol > 1e-12 else 0, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize("eps", [0.0, 1e-8])
+def test_minus_inf_scores_get_zero_mass(rng_seed, backend, eps):
+    probs = torch.softmax(torch.randn(20, 9, dtype=torch.float64) * 2, dim=1)
+    probs[probs < 0.05] = 0.0  # exact zeros, as MSN's targets have
+    probs[torch.arange(20), probs.argmax(dim=1)] += 1e-3  # keep every row
+    probs[0] = 1.0  # and every column alive
+    scores = probs.log().float()
+    q = sk.sinkhorn_knopp(scores.to(DEVICE), eps=eps, backend=backend).cpu()
+    assert torch.equal(q[probs == 0], torch.zeros(int((probs == 0).sum())))
+    check_float64(q, scores, eps=eps)
+
+
+@pytest.mark.parametrize("backend", BOTH)
+@pytest.mark.parametrize(
+    "where,message",
+    [
+        ("nan", "NaN or \\+inf"),
+        ("+inf", "NaN or \\+inf"),
+        ("row", "a row with no finite score"),
+        ("column", "a column with no finite score"),
+    ],
+)
+def test_bad_scores_raise_unless_validate_false(rng_seed, backend, where, message):
+    scores = torch.randn(12, 10)
+    if where == "nan":
+        scores[4, 7] = float("nan")
+    elif where == "+inf":
+        scores[4, 7] = float("inf")
+    elif where == "row":
+        scores[5] = float("-inf")
+    else:
+        scores[:, 3] = float("-inf")
+    with pytest.raises(ValueError, match=message):
+        sk.sinkhorn_knopp(scores.to(DEVICE), backend=backend)
+    sk.sinkhorn_knopp(scores.to(DEVICE), backend=backend, validate=False)  # no check
+
+
+@pytest.mark.parametrize("backend", BOTH)
+def test_no_rows_and_no_columns(backend):
+    for shape in ((0, 5), (4, 0)):
+        for n_iters in (0, 3):
+            q = sk.sinkhorn_knopp(torch.randn(shape).to(DEVICE), n_iters=n_iters, backend=backend)
+            assert q.shape == shape and q.dtype == torch.float32
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
@@ -106,9 +225,21 @@ def test_triton_chunked_rows(rng_seed, monkeypatch, n, p, n_iters, scale):
     scores = (torch.randn(n, p) * 3).to(DEVICE)
     monkeypatch.setattr(skm, "MAX_RESIDENT_P", 16)
     monkeypatch.setattr(skm, "CHUNKED_BLOCK_P", 32)
-    q, flag = skm.sinkhorn_knopp_triton(scores, n_iters, scale, 1e-8, None)
-    check_float64(q, scores, n_iters, scale)
-    assert flag.item() == 0
+    q, flags = skm.sinkhorn_knopp_triton(scores, n_iters, scale, 1e-8, None, True)
+    check_float64(q, scores, n_iters, scale, eps=1e-8)
+    assert flags.tolist() == [0, 0, 0]
+
+
+@needs_triton
+@pytest.mark.parametrize("n,p,n_iters,dtype", [(9, 45, 2, torch.float32), (5, 70, 3, torch.float64)])
+def test_triton_chunked_rows_exact(rng_seed, monkeypatch, n, p, n_iters, dtype):
+    """The chunked kernel's running row max: outlier rows normalized, float64 kept."""
+    scores = outlier_scores(n, p, dtype).to(DEVICE)
+    monkeypatch.setattr(skm, "MAX_RESIDENT_P", 16)
+    monkeypatch.setattr(skm, "CHUNKED_BLOCK_P", 32)
+    q, flags = skm.sinkhorn_knopp_triton(scores, n_iters, 1.0, 0.0, None, True)
+    check_float64(q, scores, n_iters, atol=1e-6)
+    assert flags.tolist() == [0, 0, 0]
 
 
 @needs_triton
@@ -119,9 +250,9 @@ def test_triton_prefetching_rows(rng_seed, monkeypatch, n, p, dtype):
     scores = (torch.randn(n, p) * 3).to(dtype).to(DEVICE)
     monkeypatch.setattr(skm, "resident_candidates", lambda warps: [(1, warps)])
     monkeypatch.setattr(skm, "RESIDENT_TILE", 64)  # several row blocks per program
-    q, flag = skm.sinkhorn_knopp_triton(scores, 3, 1.0, 1e-8, None)
+    q, flags = skm.sinkhorn_knopp_triton(scores, 3, 1.0, 0.0, None, True)
     check_float64(q, scores, 3, 1.0)
-    assert flag.item() == 0
+    assert flags.tolist() == [0, 0, 0]
 
 
 @needs_triton
@@ -264,7 +395,7 @@ def test_nonfinite_on_one_rank_raises_on_every_rank(rng_seed, monkeypatch, backe
     for rank in (0, 1):
         message = results[rank][0]
         assert isinstance(message, str), f"rank {rank} did not raise"
-        assert "scores contains NaN or an infinity on this rank or another" in message
+        assert "scores contains NaN or +inf on this rank or another" in message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,13 +449,13 @@ def test_gpu_peak_memory_is_output_plus_vectors(record_property, n, p, validate)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     output = q.numel() * 4
-    vectors = (3 * p + n) * 4
+    vectors = (3 * p + 2 * n) * 4  # m (with 2 flags), b, one column sum; a, rows seen
     record_property("peak_extra_bytes", extra)
     print(
         f"sinkhorn_knopp ({n}, {p}) validate={validate}: peak extra {extra} B = output {output} + {extra - output}"
     )
-    # The caching allocator rounds each of the four small vectors up to 512 B (or 2 MiB blocks).
-    assert extra <= output + vectors + 4 * 512 + (2 << 20)
+    # The caching allocator rounds each of the five small vectors up to 512 B (or 2 MiB blocks).
+    assert extra <= output + vectors + 5 * 512 + (2 << 20)
 
 
 @pytest.mark.gpu
@@ -359,7 +490,7 @@ def _nccl_worker(port, scores, queue):
     try:
         x = scores.cuda()
         group = torch.distributed.group.WORLD
-        q, _ = skm.sinkhorn_knopp_triton(x, 3, 0.5, 1e-8, group)  # the all-reduce path, on NCCL
+        q, _ = skm.sinkhorn_knopp_triton(x, 3, 0.5, 0.0, group)  # the all-reduce path, on NCCL
         queue.put((q.cpu().numpy(), sk.sinkhorn_knopp(x, scale=0.5, local=True).cpu().numpy()))
     finally:
         torch.distributed.destroy_process_group()

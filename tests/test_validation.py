@@ -80,7 +80,8 @@ C = torch.rand(2, 4, 5)
         (lambda: sk.sinkhorn_match(C, n_iters=2.5), TypeError, "n_iters must be an int"),
         (lambda: sk.sinkhorn_match(C, rounding="best"), ValueError, "rounding must be one of"),
         (lambda: sk.sinkhorn_knopp(torch.rand(3, 4), scale=-1.0), ValueError, "scale must be"),
-        (lambda: sk.sinkhorn_knopp(torch.rand(3, 4), eps=0), ValueError, "eps must be"),
+        (lambda: sk.sinkhorn_knopp(torch.rand(3, 4), eps=-1e-8), ValueError, "eps must be"),
+        (lambda: sk.sinkhorn_knopp(torch.rand(3, 4), n_iters=-1), ValueError, "n_iters must be"),
         (
             lambda: sk.localization(torch.rand(1, 3, 4), torch.rand(1, 2, 4), temperature=0.0),
             ValueError,
