@@ -202,8 +202,9 @@ def sinkhorn_knopp_reference(
 
     eps > 0 is the form of the public STELLAR code: q = exp(s - column max) normalized in
     place, eps added to every sum; a row whose entries all underflow ends near zero.
-    eps = 0 is SwAV's normalization exactly: the buffer holds log q, and each row step
-    subtracts the row's log-sum-exp, so every row sums to 1 whatever the scores. Column
+    eps = 0 is SwAV's normalization exactly: the buffer holds log q, each row step but
+    the last subtracts the row's log-sum-exp, and the last is a softmax over the row, so
+    every row sums to 1 whatever the scores. Column
     sums need no such care: the column step leaves each column with unit mass, so after
     the row step a column still holds at least 1/P of it (scale 1).
     """

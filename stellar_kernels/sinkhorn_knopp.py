@@ -3,19 +3,29 @@
 Given scores s (N, P) (logits divided by the SK temperature), the result is
 q = exp(s - max_col) with, n_iters times, each column divided by its sum (plus
 eps, to the power `scale`) and then each row divided by its sum (plus eps).
-Across ranks, column statistics are all-reduced, so every rank gets the rows of
-the result that one call on all ranks' rows stacked would give.
+With eps = 0 (the default) this is SwAV's Sinkhorn-Knopp, the one DINOv2, iBOT and
+solo-learn run: the column max cancels and every row sums to 1. eps > 0 is the
+public STELLAR code's form (and CAPI's), which leaves a row whose scores sit far
+below every column's best with a sum near zero. Across ranks, column statistics
+are all-reduced, so every rank gets the rows of the result that one call on all
+ranks' rows stacked would give. float64 scores are computed in float64, other
+dtypes in float32. n_iters = 0 gives N exp(s) / sum(exp(s)) (SwAV's form before
+its first iteration), computed by the reference on every backend.
 
 This module holds the Triton kernels, their launcher, the `torch.library` custom op
-and the public entry point; the PyTorch reference (eager, one float32 N x P buffer
-normalized in place) is `stellar_kernels.reference.sinkhorn_knopp_reference`. The
-kernels work in the dual form of docs/design.md ("Sinkhorn-Knopp clustering").
+and the public entry point; the PyTorch reference is
+`stellar_kernels.reference.sinkhorn_knopp_reference`. The kernels work in the dual
+form of docs/design.md ("Sinkhorn-Knopp clustering").
 
 Dual form. q_ij = exp((s_ij - m_j) + b_j + a_i) with m the column max, b (P)
-and a (N) float32 duals starting at zero. The column step of an iteration is
+and a (N) duals starting at zero. The column step of an iteration is
 b_j -= scale * log(colsum_j + eps), the row step a_i -= log(rowsum_i + eps),
 with the sums taken over exp((s - m) + b + a) exactly as the eager code forms
-them (eps is added to the sum, not in log space). The column max is kept apart
+them (eps is added to the sum, not in log space). With eps = 0 the row sums are
+taken over exp((s - m) + b + a - rowmax), so that a row whose entries would all
+underflow is still normalized, and the last pass divides by that sum itself. The
+column sums need no such shift: the column step leaves every column with unit mass,
+and the row step keeps at least 1/P of it (scale 1). The column max is kept apart
 from b so that s - m is formed as in the eager code, however large the scores.
 The scores are read, never written; q is written once, at the end.
 
@@ -39,19 +49,23 @@ block twice (row sums, then column sums or q); its second sweep is served from
 L2 only when the rows in flight fit there.
 
 Memory: besides q, the call allocates m, b, a and one (P,) column-sum vector
-(O(N + P) float32); the partial buffers are carved out of q before q is
+(O(N + P), in q's dtype), and when validating one (N,) int32 vector of rows seen;
+the partial buffers are carved out of q before q is
 written (a separate O(P) buffer only when N is too small to hold them).
 
-Non-finite scores. Pass 1 also raises a flag (one atomic max per program) when it
-reads a NaN or an infinity; the flag sits after the column max, in the same vector,
-so the first all-reduce tells every rank. validate=True reads it once, at the end,
-and raises the same ValueError on every rank, after the same collectives.
+Bad scores. Pass 1 also raises a flag (one atomic max per program) when it reads
+NaN or +inf and, when validating, marks every row in which it saw a finite score
+(one atomic max per row and column block); the two flags (NaN or +inf, a row with
+none) sit after the column max, in the same vector, so the first all-reduce tells
+every rank. A column with no finite score has an all-reduced max of -inf.
+validate=True reads the three once, at the end, and raises the same ValueError on
+every rank, after the same collectives. -inf scores are not bad: they get zero mass.
 
 Across ranks (torch.distributed initialized, or `group` given, and not
-`local`): after pass 1 the column max (and the flag) is all-reduced with MAX,
+`local`): after pass 1 the column max (and the flags) is all-reduced with MAX,
 each rank rescales its column sums to the global max, and the sums are
 all-reduced with SUM; after each later pass the column sums are all-reduced with
-SUM. The all-reduces act on (P,) float32 vectors between kernel launches, so the
+SUM. The all-reduces act on (P,) vectors between kernel launches, so the
 same code runs with NCCL (CUDA tensors) and gloo (CPU tensors, Triton
 interpreter). A rank with no rows launches nothing but joins every collective
 with neutral values (max -inf, sums 0) and returns a (0, P) result.
