@@ -8,25 +8,80 @@ convention; +inf is forbidden when maximizing too).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ._backend import resolve_backend
 from ._extension import cuda_extension_built, ensure_loaded, fix_command
-from ._validation import check_no_nan, check_rows_fit, check_tensor, checking
+from ._validation import check_tensor, checking
 from .reference import hungarian_scipy
 
-HUNGARIAN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+HUNGARIAN_DTYPES = (
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+)
 _STATUS_INFEASIBLE = 1
 _STATUS_INVALID = 2
 
+Solver = Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _check_cost(cost: object) -> torch.Tensor:
+    # check_tensor's message speaks of floating dtypes only; integer and bool costs are
+    # welcome here, as scipy takes them.
+    if isinstance(cost, torch.Tensor) and cost.dtype not in HUNGARIAN_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in HUNGARIAN_DTYPES)
+        raise ValueError(f"cost must have a real or bool dtype ({names}), got {cost.dtype}")
+    return check_tensor("cost", cost, (2, 3), HUNGARIAN_DTYPES)
+
 
 def _prepare(cost: torch.Tensor, maximize: bool) -> torch.Tensor:
+    if not cost.is_floating_point():
+        # scipy solves integer and bool costs in float64, so int64 beyond 2^53 rounds as it
+        # does there; they hold no infinity to remap.
+        return cost.double()
     if maximize:
         # -inf marks a forbidden pair when maximizing; the solver sees +inf after negation.
         cost = cost.masked_fill(cost == float("inf"), float("-inf"))
     if cost.dtype in (torch.float16, torch.bfloat16):
         cost = cost.float()
     return cost
+
+
+def _solve(solver: Solver, cost: torch.Tensor, maximize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (B, Q), status (B,)) for any Q and T from a solver op that needs Q <= T."""
+    b, q, t = cost.shape
+    if q <= t:
+        return solver(cost, maximize)
+    # The transposed problem gives each column a row; the optimum is the same. A scatter
+    # turns that into each row's column on the tensor's own device (no host round trip).
+    row_of_col, status = solver(cost.transpose(1, 2), maximize)
+    # A problem without a solution names no row (all -1): its writes land in a spare
+    # slot q, dropped below, and its rows stay -1.
+    rows = row_of_col.masked_fill(row_of_col < 0, q)
+    cols = torch.arange(t, device=cost.device).expand(b, t)
+    index = torch.full((b, q + 1), -1, dtype=torch.int64, device=cost.device)
+    return index.scatter_(1, rows, cols)[:, :q].contiguous(), status
+
+
+def _scipy_status(cost: torch.Tensor, index: torch.Tensor, maximize: bool) -> torch.Tensor:
+    # scipy leaves every row of a problem it could not solve at -1; which reason it was
+    # is read off the prepared cost, as the compiled solver classifies it.
+    invalid = cost.isnan()
+    if not maximize:
+        invalid |= cost == float("-inf")
+    unsolved = ~(index >= 0).any(dim=1) & (min(cost.shape[1:]) > 0)
+    status = unsolved.to(torch.int32) * _STATUS_INFEASIBLE
+    return status.masked_fill(invalid.flatten(1).any(dim=1), _STATUS_INVALID)
 
 
 def _cannot_serve(impl: str, device: torch.device) -> str | None:
@@ -53,24 +108,35 @@ def hungarian_match(
 ) -> torch.Tensor:
     """Minimum (or maximum) total cost one-to-one assignment of Q rows to T columns.
 
+    What scipy.optimize.linear_sum_assignment computes, batched, on the same inputs: min(Q, T)
+    pairs, each row and each column in at most one, with the optimal total.
+
     Args:
-        cost: (B, Q, T) or (Q, T), Q <= T, float16/bfloat16/float32/float64;
-            +inf entries (and -inf when maximizing) are forbidden pairs.
-        maximize: maximize the total instead of minimizing it.
+        cost: (B, Q, T) or (Q, T), any Q and T (B, Q or T may be 0). float16, bfloat16,
+            float32 or float64; or int8, int16, int32, int64, uint8 or bool, solved in
+            float64 exactly as scipy solves them (int64 beyond 2^53 rounds as scipy rounds
+            it). +inf entries are forbidden pairs, and so are -inf entries when maximizing
+            (+inf stays forbidden then too); NaN, and -inf when minimizing, are invalid.
+            With Q > T a row forbidden everywhere is allowed: it is left without a column.
+        maximize: maximize the total instead of minimizing it (integer and bool costs too).
         backend: None (the C++ solver on CPU tensors, the CUDA kernel on CUDA tensors; a
             loop of scipy's solver on a host copy where the extension was built without
             CUDA), "cpp", "cuda" or "scipy" (the reference: scipy's linear_sum_assignment
             per problem). A backend that cannot serve the input raises ValueError.
-        validate: raise ValueError on NaN or on problems with no complete assignment
-            (one host read of the per-problem status); skipped while torch.compile traces
-            and while a CUDA graph captures, and everywhere with validate=False, which
-            leaves index -1 in such problems.
+        validate: raise ValueError naming `cost` and its shape on NaN or an invalid
+            infinity, or on a problem with no assignment that gives every row a column
+            (Q <= T) or every column a row (Q > T): one host read of the per-problem
+            status. Skipped while torch.compile traces and while a CUDA graph captures, and
+            everywhere with validate=False, which never raises for the data and leaves
+            every row of such a problem at -1.
 
     Returns:
-        index (B, Q) int64 ((Q,) for 2-D cost): the column assigned to each row.
+        index (B, Q) int64 ((Q,) for 2-D cost), on cost's device: the column assigned to
+        each row. With Q > T the T rows of an optimal assignment get their columns and the
+        other Q - T rows get -1 (all rows when T = 0); every row of a problem that cannot
+        be solved gets -1 (only with validate=False, or while checks are skipped).
     """
-    check_tensor("cost", cost, (2, 3), HUNGARIAN_DTYPES)
-    check_rows_fit("cost", cost.shape)
+    _check_cost(cost)
     if not isinstance(maximize, bool):
         raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
     impl = resolve_backend(
@@ -87,12 +153,12 @@ def hungarian_match(
     check = checking(validate, cost)
     batched = _prepare((cost if cost.dim() == 3 else cost.unsqueeze(0)).detach(), maximize)
     if impl == "scipy":
-        if check:
-            check_no_nan(cost=batched)
         index = hungarian_scipy(batched, maximize)
+        if check:
+            _raise_on_status(_scipy_status(batched, index, maximize), cost.shape)
     else:
         ensure_loaded()
-        index, status = torch.ops.stellar_ext.hungarian(batched, maximize)
+        index, status = _solve(torch.ops.stellar_ext.hungarian, batched, maximize)
         if check:
             _raise_on_status(status, cost.shape)
     return index if cost.dim() == 3 else index[0]
@@ -101,18 +167,17 @@ def hungarian_match(
 def hungarian_emulated_warp(cost: torch.Tensor, maximize: bool = False) -> torch.Tensor:
     """Test aid: the CUDA kernel's 32-lane decomposition of the solver, run on the CPU.
 
-    Same contract as hungarian_match on a CPU tensor (status checked, ValueError
-    on NaN or infeasible problems); its result equals the CUDA kernel's.
+    Same contract as hungarian_match on a CPU tensor with validate=True (Q > T handled the
+    same way, ValueError on NaN or infeasible problems); its result equals the CUDA kernel's.
     """
-    check_tensor("cost", cost, (2, 3), HUNGARIAN_DTYPES)
-    check_rows_fit("cost", cost.shape)
+    _check_cost(cost)
     if cost.device.type != "cpu":
         raise ValueError(
             f"hungarian_emulated_warp runs on the CPU, got a {cost.device.type} tensor"
         )
     ensure_loaded()
     batched = _prepare(cost if cost.dim() == 3 else cost.unsqueeze(0), maximize)
-    index, status = torch.ops.stellar_ext.hungarian_emulated_warp(batched, maximize)
+    index, status = _solve(torch.ops.stellar_ext.hungarian_emulated_warp, batched, maximize)
     _raise_on_status(status, cost.shape)
     return index if cost.dim() == 3 else index[0]
 
@@ -129,7 +194,11 @@ def _raise_on_status(status: torch.Tensor, shape: torch.Size) -> None:
             f"cost (shape {tuple(shape)}) contains NaN or an infinity that makes the optimum "
             f"unbounded (problem {bad[codes.index(_STATUS_INVALID)]})"
         )
+    if shape[-2] > shape[-1]:
+        need = "every column a row (Q > T)"
+    else:
+        need = "every row a column (Q <= T)"
     raise ValueError(
-        f"cost (shape {tuple(shape)}): {len(bad)} problem(s) have no finite assignment "
-        f"(forbidden pairs leave no complete matching; first is problem {first})"
+        f"cost (shape {tuple(shape)}): {len(bad)} problem(s) have no finite assignment that "
+        f"gives {need}: forbidden pairs rule every one out; first is problem {first}"
     )

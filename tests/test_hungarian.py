@@ -30,24 +30,37 @@ def solve(request):
 
 
 def scipy_total(cost: np.ndarray, maximize: bool) -> np.ndarray:
+    """scipy's optimal total per problem, summed in float64 (integers would overflow)."""
     totals = []
     for c in cost:
         r, col = linear_sum_assignment(c, maximize=maximize)
-        totals.append(c[r, col].sum())
+        totals.append(c[r, col].astype(np.float64).sum())
     return np.array(totals)
 
 
 def total(cost: torch.Tensor, index: torch.Tensor) -> np.ndarray:
-    return cost.double().cpu().gather(2, index.cpu().unsqueeze(-1)).sum((1, 2)).numpy()
+    """The assigned entries' sum per problem, in float64; rows at -1 add nothing."""
+    cost, index = cost.double().cpu(), index.cpu()
+    picked = cost.gather(2, index.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(index >= 0, picked, 0.0).sum(1).numpy()
+
+
+def check_one_to_one(index: torch.Tensor, q: int, t: int) -> None:
+    """min(Q, T) rows assigned per problem, to distinct columns in range; the rest -1."""
+    for row in index.cpu():
+        cols = row[row >= 0].tolist()
+        assert (row >= -1).all() and all(c < t for c in cols)
+        assert len(cols) == min(q, t) and len(set(cols)) == len(cols)
 
 
 def check_optimal(cost: torch.Tensor, maximize: bool = False, solve=sk.hungarian_match):
     index = solve(cost, maximize=maximize)
     assert index.shape == cost.shape[:2] and index.dtype == torch.int64
-    for row in index.cpu():
-        assert len(set(row.tolist())) == cost.shape[1]  # one-to-one
+    check_one_to_one(index, *cost.shape[1:])
+    # Integer and bool costs go to scipy as they are: it converts them itself.
+    host = cost.cpu() if not cost.is_floating_point() else cost.double().cpu()
     np.testing.assert_allclose(
-        total(cost, index), scipy_total(cost.double().cpu().numpy(), maximize), rtol=1e-9, atol=1e-6
+        total(cost, index), scipy_total(host.numpy(), maximize), rtol=1e-9, atol=1e-6
     )
     return index
 
@@ -160,7 +173,8 @@ def test_many_small_square_problems(rng_seed, solve, k):
 
 
 def random_problem(gen: torch.Generator) -> tuple[torch.Tensor, bool]:
-    """One problem of a random shape and kind: floats, integer ties, wide ranges, forbidden pairs."""
+    """One problem of a random shape (either orientation) and kind: floats, integer ties, wide
+    ranges, forbidden pairs."""
     q = int(torch.randint(1, 48, (1,), generator=gen))
     t = q + int(torch.randint(0, 3, (1,), generator=gen)) * int(
         torch.randint(0, 20, (1,), generator=gen)
@@ -181,6 +195,8 @@ def random_problem(gen: torch.Generator) -> tuple[torch.Tensor, bool]:
     maximize = bool(torch.randint(0, 2, (1,), generator=gen))
     if maximize:
         cost = cost.masked_fill(cost == float("inf"), float("-inf"))
+    if int(torch.randint(0, 3, (1,), generator=gen)) == 0:
+        cost = cost.t()  # more rows than columns
     return cost, maximize
 
 
@@ -196,8 +212,8 @@ def test_fuzz_against_scipy(rng_seed, solve):
                 solve(cost, maximize=maximize)
             continue
         index = solve(cost, maximize=maximize)
-        assert sorted(set(index.tolist())) == sorted(index.tolist())
-        ours = cost.gather(1, index[:, None]).sum().item()
+        check_one_to_one(index[None], *cost.shape)
+        ours = total(cost[None], index[None])[0]
         np.testing.assert_allclose(ours, cost.numpy()[rows, cols].sum(), rtol=1e-9, atol=1e-9)
 
 
@@ -309,6 +325,203 @@ def test_cuda_kernels_built_wherever_they_can_be():
     assert hasattr(torch.ops.stellar_ext, "hungarian_cuda_scratch")
 
 
+# --- more rows than columns, integer and bool costs, edge shapes --------------------------
+
+BACKENDS = ("cpp", "scipy")
+
+
+@pytest.mark.parametrize(
+    "b,q,t,dtype",
+    [
+        (1, 2, 1, torch.float64),
+        (9, 7, 5, torch.float64),
+        (5, 17, 16, torch.float32),
+        (3, 33, 13, torch.float32),
+        (4, 45, 3, torch.float64),
+        (2, 70, 41, torch.float32),
+    ],
+)
+def test_more_rows_than_columns(rng_seed, solve, b, q, t, dtype):
+    """Q > T: T rows get distinct columns, Q - T rows get -1, and the total is scipy's."""
+    check_optimal(torch.rand(b, q, t, dtype=dtype), solve=solve)
+    check_optimal(torch.randn(b, q, t, dtype=dtype), maximize=True, solve=solve)
+    check_optimal(torch.randint(0, 3, (b, q, t)).to(dtype), solve=solve)  # ties
+
+
+def test_more_rows_equals_the_transposed_problem(rng_seed, solve):
+    """Q > T with ties: the pairs are those of the T x Q problem, read from the column side."""
+    cost = torch.randint(0, 4, (40, 11, 6)).double()
+    index = solve(cost)
+    col_rows = solve(cost.transpose(1, 2).contiguous())
+    for row_side, col_side in zip(index, col_rows):
+        pairs = {(r, c) for r, c in enumerate(row_side.tolist()) if c >= 0}
+        assert pairs == {(r, c) for c, r in enumerate(col_side.tolist())}
+
+
+def test_more_rows_forbidden_everywhere(rng_seed, solve):
+    """Q > T: a row forbidden in every column is allowed; it gets -1."""
+    cost = torch.rand(6, 9, 4).double()
+    blocked = torch.rand(6, 9) < 0.35
+    blocked[:, :4] = False  # four rows stay open for the four columns
+    cost[blocked] = float("inf")
+    index = check_optimal(cost, solve=solve)
+    assert (index[blocked] == -1).all()
+    index = check_optimal(cost.masked_fill(cost == float("inf"), -float("inf")), True, solve)
+    assert (index[blocked] == -1).all()
+    # +inf is forbidden when maximizing too (scipy would call it invalid there)
+    index = solve(cost, maximize=True)
+    assert (index[blocked] == -1).all()
+    check_one_to_one(index, 9, 4)
+
+
+def test_more_rows_infeasible_raises(rng_seed, solve):
+    cost = torch.rand(4, 7, 3)
+    cost[2, :, 1] = float("inf")  # no row may take column 1 in problem 2
+    with pytest.raises(ValueError, match=r"cost \(shape \(4, 7, 3\)\).*every column a row"):
+        solve(cost)
+    cost = torch.rand(3, 7, 3)
+    cost[1, :, :2] = float("inf")  # only row 5 may take column 0 or 1
+    cost[1, 5, :2] = 0.5
+    with pytest.raises(ValueError, match="every column a row.*problem 1"):
+        solve(cost)
+    square = torch.rand(2, 3, 3)
+    square[1, 2] = float("inf")  # Q <= T: a row forbidden everywhere has no column
+    with pytest.raises(ValueError, match="every row a column.*problem 1"):
+        solve(square)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(3, 4, 4), (3, 6, 4)])
+def test_validate_false_never_raises(rng_seed, backend, shape):
+    """Infeasible or NaN problems: every row -1, the others solved, on every backend."""
+    cost = torch.rand(shape)
+    cost[1, :, 0] = float("inf")  # column 0 allowed nowhere: infeasible either way
+    cost[2, 0, 0] = float("nan")
+    index = sk.hungarian_match(cost, validate=False, backend=backend)
+    assert (index[1:] == -1).all()
+    check_one_to_one(index[:1], *shape[1:])
+    for bad in (1, 2):
+        with pytest.raises(ValueError, match="NaN" if bad == 2 else "no finite assignment"):
+            sk.hungarian_match(cost[bad : bad + 1], backend=backend)
+    minus_inf = torch.rand(shape[1:])
+    minus_inf[0, 0] = -float("inf")  # unbounded when minimizing
+    assert (sk.hungarian_match(minus_inf, validate=False, backend=backend) == -1).all()
+    with pytest.raises(ValueError, match="infinity that makes the optimum unbounded"):
+        sk.hungarian_match(minus_inf, backend=backend)
+
+
+INTEGER_RANGES = {
+    torch.int8: (-128, 128),
+    torch.int16: (-(2**15), 2**15),
+    torch.int32: (-(2**31), 2**31),
+    torch.int64: (-(2**62), 2**62),
+    torch.uint8: (0, 256),
+    torch.bool: (0, 2),
+}
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("dtype", list(INTEGER_RANGES), ids=str)
+def test_integer_and_bool_costs(rng_seed, solve, dtype, maximize):
+    """Solved as scipy solves them (in float64), in both orientations."""
+    low, high = INTEGER_RANGES[dtype]
+    for shape in [(20, 5, 5), (6, 7, 12), (6, 12, 7)]:
+        cost = torch.randint(low, high, shape, dtype=torch.int64).to(dtype)
+        check_optimal(cost, maximize=maximize, solve=solve)
+    ties = torch.randint(0, 3, (30, 6, 6)).to(dtype)
+    check_optimal(ties, maximize=maximize, solve=solve)
+    if high - low > 2**31:
+        # Steps below float32's resolution at 2^30: exact only in float64, as scipy solves.
+        offsets = torch.randint(0, 64, (30, 6, 6))
+        index = solve((2**30 + offsets).to(dtype), maximize=maximize)
+        check_one_to_one(index, 6, 6)
+        np.testing.assert_array_equal(total(offsets, index), scipy_total(offsets.numpy(), maximize))
+
+
+def test_int64_near_2_53_rounds_as_scipy(rng_seed, solve):
+    """Beyond 2^53 int64 costs are taken as their float64 roundings, as scipy takes them."""
+    big = 2**53
+    # Exactly, the diagonal (3 - 1 = 2) beats the other pair (2 + 1 = 3); in float64,
+    # 2^53 + 3 is 2^53 + 4 and 2^53 + 1 is 2^53, so the other pair (2 + 0) wins.
+    cost = torch.tensor([[big + 3, big + 2], [big + 1, big - 1]])
+    rows, cols = linear_sum_assignment(cost.numpy())
+    assert cols.tolist() == [1, 0]  # the premise: scipy follows the rounding
+    assert solve(cost).tolist() == cols.tolist()
+    assert solve(cost[None]).tolist() == [cols.tolist()]
+    # Random costs at several magnitudes beyond 2^53: the same answer as for numpy's float64
+    # rounding of them, the conversion scipy applies. (The solvers' float64 arithmetic is not
+    # exact at this scale, scipy's no more than ours, so the totals are not compared.)
+    for scale, shape in [(big, (30, 6, 6)), (2**60, (10, 5, 8)), (2**62, (10, 8, 5))]:
+        cost = scale + torch.randint(-(2**12), 2**12, shape)
+        rounded = torch.from_numpy(cost.numpy().astype(np.float64))
+        assert not torch.equal(rounded.long(), cost)  # the premise: rounding happens
+        assert torch.equal(solve(cost), solve(rounded))
+        assert torch.equal(solve(cost, maximize=True), solve(rounded, maximize=True))
+
+
+def test_two_dimensional_more_rows(rng_seed, solve):
+    cost = torch.rand(9, 4)
+    index = solve(cost)
+    assert index.shape == (9,)
+    assert torch.equal(index, solve(cost[None])[0])
+    check_optimal(cost[None], solve=solve)
+
+
+def test_warp_decomposition_equals_serial_with_more_rows(rng_seed):
+    """Through the public Q > T handling, both teams still give identical assignments."""
+    for cost in (torch.rand(20, 13, 7), torch.randint(0, 3, (40, 9, 5)).double()):
+        for maximize in (False, True):
+            assert torch.equal(
+                hungarian_emulated_warp(cost, maximize), sk.hungarian_match(cost, maximize)
+            )
+
+
+def test_scipy_backend_more_rows(rng_seed):
+    cost = torch.rand(6, 10, 7).double()
+    cost[:, 8] = float("inf")  # one row forbidden everywhere
+    index = sk.hungarian_match(cost, backend="scipy")
+    check_one_to_one(index, 10, 7)
+    assert (index[:, 8] == -1).all()
+    np.testing.assert_allclose(total(cost, index), total(cost, sk.hungarian_match(cost)))
+    np.testing.assert_allclose(total(cost, index), scipy_total(cost.numpy(), False))
+    cost[3, :, 2] = float("inf")
+    with pytest.raises(ValueError, match="every column a row.*problem 3"):
+        sk.hungarian_match(cost, backend="scipy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape", [(0, 3, 4), (0, 4, 3), (2, 0, 3), (2, 3, 0), (2, 0, 0), (0, 0), (3, 0), (0, 3)]
+)
+def test_empty_shapes(backend, shape):
+    """No column: every row -1 (giving every column a row is vacuous); nothing else to do."""
+    for maximize in (False, True):
+        index = sk.hungarian_match(torch.rand(shape), maximize, backend=backend)
+        assert index.shape == shape[:-1] and index.dtype == torch.int64
+        assert (index == -1).all()
+        if backend == "cpp":
+            assert torch.equal(hungarian_emulated_warp(torch.rand(shape), maximize), index)
+
+
+def test_more_rows_traces_without_host_round_trip(rng_seed):
+    """fullgraph tracing fails on any host read, so the Q > T path has none."""
+    cost = torch.randint(0, 5, (3, 7, 4))
+    torch._dynamo.reset()
+    got = torch.compile(sk.hungarian_match, fullgraph=True, backend="eager")(cost)
+    assert torch.equal(got, sk.hungarian_match(cost))
+
+
+def test_bad_arguments_name_them():
+    with pytest.raises(ValueError, match="cost must have a real or bool dtype.*complex64"):
+        sk.hungarian_match(torch.ones(2, 3, 3, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="cost must be 2-D or 3-D"):
+        sk.hungarian_match(torch.ones(2, 2, 3, 3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="cost must be a torch.Tensor"):
+        sk.hungarian_match(np.ones((3, 3)))
+    with pytest.raises(TypeError, match="maximize must be a bool"):
+        sk.hungarian_match(torch.rand(5, 3), maximize=1)
+
+
 # --- the CUDA kernel itself -------------------------------------------------------------
 
 
@@ -411,3 +624,40 @@ def test_cuda_non_contiguous_and_half(rng_seed):
     np.testing.assert_allclose(
         total(cost.float(), index), scipy_total(cost.double().cpu().numpy(), False), rtol=1e-6
     )
+
+
+@pytest.mark.gpu
+def test_cuda_more_rows_integers_and_edges(rng_seed):
+    check_cuda(torch.rand(8, 9, 5, device="cuda"))
+    check_cuda(torch.rand(4, 70, 41, device="cuda").double())
+    check_cuda(torch.randint(0, 3, (64, 13, 7), device="cuda").double())
+    check_cuda(torch.randn(6, 20, 11, device="cuda"), maximize=True)
+    for dtype in (torch.int8, torch.int32, torch.int64, torch.uint8, torch.bool):
+        check_cuda(torch.randint(0, 2, (16, 6, 9), device="cuda").to(dtype))
+        check_cuda(torch.randint(0, 2, (16, 9, 6), device="cuda").to(dtype), maximize=True)
+    cost = torch.rand(5, 7, 3, device="cuda")
+    cost[:, 4] = float("inf")  # a row forbidden everywhere gets -1
+    assert (check_cuda(cost)[:, 4] == -1).all().item()
+    cost[2, :, 1] = float("inf")
+    with pytest.raises(ValueError, match="every column a row.*problem 2"):
+        sk.hungarian_match(cost)
+    index = sk.hungarian_match(cost, validate=False)
+    assert (index[2] == -1).all().item()
+    assert torch.equal(index.cpu(), sk.hungarian_match(cost.cpu(), validate=False))
+    for shape in [(0, 4, 3), (2, 3, 0), (2, 0, 3)]:
+        index = sk.hungarian_match(torch.rand(shape, device="cuda"))
+        assert index.is_cuda and index.shape == shape[:2] and (index == -1).all().item()
+
+
+@pytest.mark.gpu
+def test_cuda_more_rows_without_host_sync(rng_seed):
+    """Q > T and integer costs stay on the GPU: no synchronization with validate=False."""
+    cost = torch.randint(0, 5, (256, 12, 7), device="cuda")
+    want = sk.hungarian_match(cost, validate=False)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = sk.hungarian_match(cost, validate=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(got, want)
