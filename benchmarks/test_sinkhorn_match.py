@@ -7,6 +7,10 @@ public call with its defaults (one-to-one "permutation" rounding, which does
 more work than the baseline's argmax) and validate=False (no NaN scan, the
 baseline has none). On a machine without a GPU "ours" is the default CPU
 backend (the PyTorch path), and every figure says so in "ours_backend".
+
+`sinkhorn_match_rounding_hungarian/<size>` prices the exact rounding: rounding="hungarian"
+(the same plan, then `stellar_kernels.hungarian_match` on the cost's device: the CUDA kernel
+on a GPU, the C++ solver on the CPU) against the default greedy rounding, on the same cost.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def test_sinkhorn_match_ours_argmax_B512_K16(run, device):
 
 
 @pytest.mark.benchmark(group="sinkhorn_match_B512_K16")
+def test_sinkhorn_match_ours_hungarian_B512_K16(run, device):
+    """The exact one-to-one rounding: the same plan, then the batched Hungarian solver."""
+    run(ours, _cost(512, 16, device), "hungarian")
+
+
+@pytest.mark.benchmark(group="sinkhorn_match_B512_K16")
 def test_sinkhorn_match_torch_reference_B512_K16(run, device):
     run(torch_reference, _cost(512, 16, device))
 
@@ -92,8 +102,49 @@ def test_sinkhorn_match_torch_reference_B64_K196(run, device):
 # --- fixed-name figures for benchmarks/results.py -----------------------------------------------
 
 
+def hungarian_figure(cost: torch.Tensor, device: torch.device, **timing) -> dict:
+    """sinkhorn_match_rounding_hungarian/<size>: rounding="hungarian" against the greedy
+    rounding ("permutation", the default) on the same cost, both with ours' backend; speedup =
+    greedy ms / hungarian ms (below 1: what the exact rounding costs). No target."""
+    batch, k, _ = cost.shape
+    greedy = sk.sinkhorn_match(cost, EPS, N_ITERS, validate=False)
+    exact = sk.sinkhorn_match(cost, EPS, N_ITERS, "hungarian", validate=False)
+    # A guard that the timed rounding is the exact one: the same plan, and in no problem
+    # less mass than the greedy rounding's.
+    assert torch.equal(exact.plan, greedy.plan)
+    exact_mass, greedy_mass = (
+        greedy.plan.double().gather(2, index[..., None]).sum((1, 2))
+        for index in (exact.index, greedy.index)
+    )
+    assert bool((exact_mass >= greedy_mass - 1e-9).all())
+    if device.type == "cuda":
+        solves = (
+            "one batch of 2B exact problems: which problems have no assignment free of "
+            "forbidden pairs cannot be read without a host synchronization"
+        )
+    else:
+        solves = "B exact problems: a cost without forbidden pairs needs no second solve"
+    return compare(
+        f"sinkhorn_match_rounding_hungarian/B{batch}_K{k}",
+        partial(ours, cost, "hungarian"),
+        "permutation_rounding",
+        partial(ours, cost),
+        device,
+        **timing,
+        ours_backend=ours_backend(device),
+        rounding="hungarian",
+        solves=solves,
+        problems_with_more_mass=int((exact_mass > greedy_mass + 1e-9).sum()),
+        dtype="fp32",
+        eps=EPS,
+        n_iters=N_ITERS,
+    )
+
+
 def figures(device: torch.device, quick: bool = False) -> list[dict]:
-    """sinkhorn_match/B512_K16 against torch_reference (B16 under --quick, named by the size)."""
+    """sinkhorn_match/B512_K16 against torch_reference, and
+    sinkhorn_match_rounding_hungarian/B512_K16 against the greedy rounding (B16 under --quick,
+    named by the size)."""
     backend = ours_backend(device)
     batch, k = (16 if quick else 512), 16
     cost = _cost(batch, k, device)
@@ -128,7 +179,8 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
             device,
             **rounds,
             **extra,
-        )
+        ),
+        hungarian_figure(cost, device, **rounds),
     ]
 
 

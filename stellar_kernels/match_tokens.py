@@ -33,6 +33,8 @@ from .sinkhorn_match import (
     TILE_LIMIT,
     MatchResult,
     check_hyper,
+    kernel_rounding,
+    round_hungarian,
     sinkhorn_match_triton,
     store_plan_and_index,
     tile_edge,
@@ -195,7 +197,13 @@ def match_tokens(
     Args:
         pred: (B*V, Q, D) tokens; row b*V + v is view v of image b.
         target: (B, T, D) tokens, Q <= T; float16/bfloat16/float32, either dtype.
-        eps, n_iters, rounding, backend: as in `sinkhorn_match`.
+        eps, n_iters, rounding, backend: as in `sinkhorn_match`. No pair is forbidden
+            here, so "hungarian" is the one-to-one assignment of largest total plan mass,
+            at the price of one batched exact solve (`stellar_kernels.hungarian_match` on
+            the tokens' device, no host round trip on CUDA) after the fused kernel. The
+            greedy "permutation" returns the same where the row-wise argmax is one-to-one
+            (the usual case for views close to their target) and can fall short of that
+            mass where it repeats a target.
         validate: raise ValueError if `pred` or `target` holds NaN or an infinity (one
             host read); skipped while torch.compile traces and while a CUDA graph
             captures, and everywhere with validate=False. Finite tokens give finite
@@ -231,13 +239,16 @@ def match_tokens(
     if checking(validate, pred):
         check_finite(pred=pred, target=target)
     pred, target = pred.detach(), target.detach()
+    computed = kernel_rounding(rounding)
     if impl == "triton":
         if torch.compiler.is_compiling():
             index, plan = torch.ops.stellar_kernels.match_tokens(
-                pred, target, eps, n_iters, rounding
+                pred, target, eps, n_iters, computed
             )
         else:
-            index, plan = match_tokens_triton(pred, target, eps, n_iters, rounding)
+            index, plan = match_tokens_triton(pred, target, eps, n_iters, computed)
     else:
-        index, plan = match_tokens_reference(pred, target, eps, n_iters, rounding)
+        index, plan = match_tokens_reference(pred, target, eps, n_iters, computed)
+    if rounding == "hungarian":
+        index = round_hungarian(plan)
     return MatchResult(index, plan)

@@ -17,10 +17,13 @@ plan = 2^(u_i + v_j - c_ij): the updates of docs/design.md with the duals scaled
 log2(e) / eps. A +inf cost (a forbidden pair) is masked out of every log-sum-exp and is
 zero in the plan; the roundings rank forbidden pairs and NaN entries below every allowed
 pair (see `stellar_kernels.reference.rounding_scores`), so an index is always in [0, T).
+The exact rounding "hungarian" runs after the kernel, on the plan it stored
+(`round_hungarian`, shared with `match_tokens`).
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -36,9 +39,10 @@ from ._validation import (
     check_tensor,
     checking,
 )
+from .hungarian import hungarian_match
 from .reference import sinkhorn_match_reference
 
-ROUNDINGS = ("permutation", "argmax")
+ROUNDINGS = ("permutation", "argmax", "hungarian")
 MATCH_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 TILE_LIMIT = 128
@@ -469,6 +473,45 @@ def _sinkhorn_match_fake(cost, eps, n_iters, rounding):
     )
 
 
+# ----------------------------------------------------------------------------- exact rounding
+
+
+def kernel_rounding(rounding: str) -> str:
+    """The rounding the Sinkhorn kernels and the reference run: "hungarian" rounds their plan
+    afterwards, so they compute it exactly as for the other roundings (the cheap "argmax")."""
+    return "argmax" if rounding == "hungarian" else rounding
+
+
+def round_hungarian(plan: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Index (B, Q) of the one-to-one assignment (Q <= T) of largest total plan mass.
+
+    Among the assignments that avoid every pair `allowed` (B, Q, T) rules out (default:
+    none ruled out); where a problem has none, among all of them, a forbidden pair adding
+    its plan value (zero). Solved by `hungarian_match` on the plan's device. NaN and
+    infinite plan entries (invalid input with validate=False) count as zero mass, so every
+    problem is solvable and every index is in [0, T).
+    """
+    mass = torch.where(plan.isfinite(), plan, 0.0)
+    if allowed is None:
+        return hungarian_match(mass, maximize=True, validate=False)
+    strict = mass.masked_fill(~allowed, -math.inf)
+    if plan.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Reading which problems are infeasible costs nothing here: the second solve runs
+        # only for them.
+        index = hungarian_match(strict, maximize=True, validate=False)
+        infeasible = (index < 0).any(dim=1)
+        if bool(infeasible.any()):
+            problems = infeasible.nonzero().squeeze(1)
+            index[problems] = hungarian_match(mass[problems], maximize=True, validate=False)
+        return index
+    # On a GPU, and while torch.compile traces, that read would be a host synchronization
+    # (a graph break): both problems of every input are solved, in one batch of 2B.
+    b = plan.shape[0]
+    both = hungarian_match(torch.cat([strict, mass]), maximize=True, validate=False)
+    index, fallback = both[:b], both[b:]
+    return torch.where((index < 0).any(dim=1, keepdim=True), fallback, index)
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -496,9 +539,23 @@ def sinkhorn_match(
             forbidden pair (zero mass in the plan).
         eps: entropic regularization (> 0).
         n_iters: number of (u, v) log-domain updates (>= 1).
-        rounding: "permutation" (one-to-one, greedy on the plan; a forbidden pair is taken
-            only by a row none of whose allowed columns is left) or "argmax" (row-wise
-            argmax, may repeat a target; a forbidden pair only for a row that has no other).
+        rounding: "permutation" (one-to-one, greedy on the plan: Q times the largest
+            entry left; a forbidden pair is taken only by a row none of whose allowed
+            columns is left), "argmax" (row-wise argmax, may repeat a target; a forbidden
+            pair only for a row that has no other) or "hungarian" (one-to-one, exact: the
+            assignment of largest total plan mass among those that avoid every forbidden
+            pair; where a problem has none, among all of them, a forbidden pair counting
+            its zero mass). The greedy rounding returns the same where the row-wise argmax
+            is one-to-one; elsewhere it can fall short of the largest mass, or take a
+            forbidden pair that an exact assignment avoids: on cost [[0.8, 0.3, 0.5],
+            [0.2, 0.5, inf], [0.3, inf, 0.8]] (eps=0.1, n_iters=5, backend="torch") it
+            returns [1, 2, 0], giving row 1 its forbidden column (mass 1.02), where
+            "hungarian" returns an assignment free of forbidden pairs (mass 1.50). Its
+            price, after the same kernel: one batched exact solve
+            (`stellar_kernels.hungarian_match` on the cost's device, no host round trip
+            on CUDA), two where a problem has no assignment free of forbidden pairs; on
+            CUDA and while torch.compile traces, where that cannot be known without a host
+            read, both always run, as one solve of 2B problems.
         backend: None (Triton on CUDA tensors, else the PyTorch reference; the reference
             also where triton is not installed), "torch" or "triton" (a CUDA tensor, or a
             CPU tensor under TRITON_INTERPRET=1; else ValueError).
@@ -522,13 +579,16 @@ def sinkhorn_match(
     if checking(validate, cost):
         check_costs("cost", cost)
     batched = (cost if cost.dim() == 3 else cost.unsqueeze(0)).detach()
+    computed = kernel_rounding(rounding)
     if impl == "triton":
         if torch.compiler.is_compiling():
-            index, plan = torch.ops.stellar_kernels.sinkhorn_match(batched, eps, n_iters, rounding)
+            index, plan = torch.ops.stellar_kernels.sinkhorn_match(batched, eps, n_iters, computed)
         else:  # the same function without the custom-op dispatch (a few microseconds per call)
-            index, plan = sinkhorn_match_triton(batched, eps, n_iters, rounding)
+            index, plan = sinkhorn_match_triton(batched, eps, n_iters, computed)
     else:
-        index, plan = sinkhorn_match_reference(batched, eps, n_iters, rounding)
+        index, plan = sinkhorn_match_reference(batched, eps, n_iters, computed)
+    if rounding == "hungarian":
+        index = round_hungarian(plan, batched != math.inf)
     if cost.dim() == 2:
         return MatchResult(index[0], plan[0])
     return MatchResult(index, plan)

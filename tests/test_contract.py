@@ -154,7 +154,7 @@ def test_non_finite_cost_raises_and_unchecked_indices_stay_in_range(
     cost[where] = value
     with pytest.raises(ValueError, match=message):
         match(cost, backend)
-    for rounding in ("permutation", "argmax"):
+    for rounding in ("permutation", "argmax", "hungarian"):
         index, _ = match(cost, backend, rounding=rounding, validate=False)
         assert bool(((index >= 0) & (index < 5)).all()), index.tolist()
 
@@ -237,6 +237,29 @@ def test_default_arguments_trace_with_fullgraph(rng_seed, backend, op):
     torch._dynamo.reset()
     got = torch.compile(fn, fullgraph=True, backend="eager")(*args)
     torch.testing.assert_close(got, fn(*args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hungarian_rounding_traces_with_fullgraph(rng_seed, backend):
+    """The exact rounding inside a compiled graph: both solves in one batch, no host read."""
+    cost = random_forbidden(3, 4, 6, 0.4)
+    cost[0, range(4), torch.randperm(6)[:4]] = 1.0  # problem 0: a free assignment
+    cost[1, :2] = INF  # problem 1: rows 0 and 1 share column 0, no free assignment
+    cost[1, :2, 0] = 0.5
+    pred, target = torch.randn(4, 5, 8), torch.randn(2, 6, 8)
+
+    def fn(cost, pred, target):
+        a = sk.sinkhorn_match(cost, rounding="hungarian", backend=backend)
+        b = sk.match_tokens(pred, target, rounding="hungarian", backend=backend)
+        return a.index, a.plan, b.index, b.plan
+
+    args = [x.to(DEVICE) for x in (cost, pred, target)]
+    torch._dynamo.reset()
+    got = torch.compile(fn, fullgraph=True, backend="eager")(*args)
+    want = fn(*args)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    assert not torch.isinf(cost[0, range(4), got[0][0].cpu()]).any()
 
 
 def test_hungarian_default_arguments_trace_with_fullgraph(rng_seed):

@@ -17,6 +17,7 @@ from stellar.loss import (
     sinkhorn_targets,
 )
 from stellar.testing import mini_config
+from stellar.train.config import validate
 from stellar.train.ssl_meta_arch import TERMS, StellarSSL
 
 # ------------------------------------------------------------------------- single terms
@@ -161,6 +162,25 @@ def test_ablation_switch_removes_exactly_its_term(term):
 def test_other_matchers_give_finite_losses(matcher):
     out = _losses(mini_config(f"loss.matcher={matcher}"))
     assert all(torch.isfinite(v) for v in out.values())
+
+
+def test_hungarian_match_rounding_reaches_match_tokens(monkeypatch):
+    cfg = mini_config("loss.match_rounding=hungarian")
+    validate(cfg)  # the schema takes the value
+    calls = []
+    original = sk.match_tokens
+
+    def spy(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((kwargs.get("rounding"), result.index))
+        return result
+
+    monkeypatch.setattr(sk, "match_tokens", spy)
+    out = _losses(cfg)
+    assert all(torch.isfinite(v) for v in out.values())
+    assert calls and all(rounding == "hungarian" for rounding, _ in calls)
+    for _, index in calls:
+        assert all(len(set(row.tolist())) == index.shape[1] for row in index)
 
 
 def test_every_student_parameter_gets_a_gradient():

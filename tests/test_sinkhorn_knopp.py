@@ -43,9 +43,7 @@ def sk_float64_log(scores: np.ndarray, n_iters: int, scale: float = 1.0) -> np.n
     return np.exp(log_q)
 
 
-def check_float64(
-    q: torch.Tensor, scores: torch.Tensor, n_iters=3, scale=1.0, atol=1e-7, eps=0.0
-):
+def check_float64(q: torch.Tensor, scores: torch.Tensor, n_iters=3, scale=1.0, atol=1e-7, eps=0.0):
     """q against float64 math: to 1e-12 for float64 scores, else float32 accuracy."""
     want = torch.float64 if scores.dtype == torch.float64 else torch.float32
     assert q.dtype == want and q.shape == scores.shape
@@ -231,7 +229,9 @@ def test_triton_chunked_rows(rng_seed, monkeypatch, n, p, n_iters, scale):
 
 
 @needs_triton
-@pytest.mark.parametrize("n,p,n_iters,dtype", [(9, 45, 2, torch.float32), (5, 70, 3, torch.float64)])
+@pytest.mark.parametrize(
+    "n,p,n_iters,dtype", [(9, 45, 2, torch.float32), (5, 70, 3, torch.float64)]
+)
 def test_triton_chunked_rows_exact(rng_seed, monkeypatch, n, p, n_iters, dtype):
     """The chunked kernel's running row max: outlier rows normalized, float64 kept."""
     scores = outlier_scores(n, p, dtype).to(DEVICE)

@@ -14,7 +14,16 @@ import torch
 
 pytest.importorskip("triton")
 
-from test_sinkhorn_match import plan_float64  # noqa: E402
+from test_sinkhorn_match import (  # noqa: E402
+    GREEDY_FORBIDDEN_COST,
+    INF,
+    ISSUE_COST,
+    assert_exact_hungarian,
+    assignment_totals,
+    forbidden_costs,
+    plan_float64,
+    scipy_hungarian,
+)
 
 import stellar_kernels as sk  # noqa: E402
 from stellar_kernels import _triton  # noqa: E402
@@ -48,10 +57,26 @@ def near_tie(plan: np.ndarray, rounding: str, rtol: float, atol: float) -> bool:
     return False
 
 
+def check_hungarian(index, plan, expected_plan, rtol, atol, cost=None):
+    """index is an exact rounding of our own plan, and within the plans' tolerance of the
+    largest mass on the expected plan (entries within rtol * 1 + atol, each plan entry <= 1)."""
+    assert_exact_hungarian(index, plan, cost, brute_force=False)
+    expected_plan = np.asarray(expected_plan, dtype=np.float64)
+    forbidden = np.zeros(plan.shape, bool) if cost is None else np.isinf(cost.cpu().numpy())
+    q = plan.shape[1]
+    for b, row in enumerate(index.cpu().numpy()):
+        best, _ = scipy_hungarian(expected_plan[b], forbidden[b])
+        got = expected_plan[b, np.arange(q), row].sum()
+        assert got >= best - 2 * q * (rtol + atol), f"problem {b}: {got} < {best}"
+
+
 def check_index(index, plan, expected_plan, rounding, rtol, atol):
     """index is exactly the rounding of our own plan (same tie-breaking as `round_plan`) and equals
     the rounding of the expected plan except in problems where that one has a near tie."""
     assert index.dtype == torch.int64 and index.shape == plan.shape[:2]
+    if rounding == "hungarian":
+        check_hungarian(index, plan, expected_plan, rtol, atol)
+        return
     assert torch.equal(index.cpu(), round_plan(plan.cpu(), rounding))
     expected_plan = torch.as_tensor(expected_plan)
     expected = round_plan(expected_plan, rounding)
@@ -122,6 +147,8 @@ SINKHORN_CASES = [
     (1, 16, 16, 1.0, 1, "bf16", False, "argmax"),
     (3, 13, 32, 0.1, 5, "fp16", False, "permutation"),
     (8, 5, 9, 0.05, 1, "fp32", True, "argmax"),
+    (6, 5, 7, 1.0, 2, "fp32", True, "hungarian"),
+    (3, 13, 32, 0.1, 5, "bf16", False, "hungarian"),
 ]
 
 
@@ -199,7 +226,11 @@ def test_exact_ties_break_like_the_reference(shape):
 
 @pytest.mark.parametrize(
     "b,q,t,dtype,contiguous,rounding",
-    [(2, 5, 150, "fp16", False, "argmax"), (1, 70, 140, "fp32", True, "permutation")],
+    [
+        (2, 5, 150, "fp16", False, "argmax"),
+        (1, 70, 140, "fp32", True, "permutation"),
+        (2, 6, 131, "fp32", False, "hungarian"),
+    ],
 )
 def test_large_t_loop_path(rng_seed, b, q, t, dtype, contiguous, rounding):
     assert t > sm.TILE_LIMIT
@@ -208,8 +239,73 @@ def test_large_t_loop_path(rng_seed, b, q, t, dtype, contiguous, rounding):
 
 
 def test_empty_batch():
-    index, plan = sk.sinkhorn_match(torch.rand(0, 3, 4, device=DEVICE), backend="triton")
-    assert index.shape == (0, 3) and plan.shape == (0, 3, 4)
+    for rounding in ("permutation", "hungarian"):
+        cost = torch.rand(0, 3, 4, device=DEVICE)
+        index, plan = sk.sinkhorn_match(cost, rounding=rounding, backend="triton")
+        assert index.shape == (0, 3) and plan.shape == (0, 3, 4)
+
+
+# ----------------------------------------------------------------------------- rounding="hungarian"
+
+
+@pytest.mark.parametrize("b,q,t,p", [(8, 5, 6, 0.4), (8, 4, 7, 0.6), (3, 11, 19, 0.3)])
+def test_hungarian_with_forbidden_pairs_equals_the_torch_backend(rng_seed, b, q, t, p):
+    """Exact on the Triton plan (brute force for small K, scipy beyond); the same index as the
+    torch backend wherever the optimum is not within the two plans' difference of another."""
+    cost = forbidden_costs(b, q, t, p)  # problem 0 has a free assignment, problem 1 none
+    index, plan = sk.sinkhorn_match(cost.to(DEVICE), 0.1, 5, "hungarian", backend="triton")
+    ref_index, ref_plan = sk.sinkhorn_match(cost, 0.1, 5, "hungarian", backend="torch")
+    torch.testing.assert_close(plan.cpu(), ref_plan, rtol=1e-4, atol=1e-6)
+    small = q <= 5
+    assert_exact_hungarian(index, plan, cost, brute_force=small)
+    check_hungarian(index, plan, ref_plan.numpy(), 1e-4, 1e-6, cost)
+    if not small:
+        return
+    for k in range(b):
+        totals = sorted(
+            assignment_totals(ref_plan[k].double().numpy(), np.isinf(cost[k].numpy())).values()
+        )
+        if len(totals) < 2 or totals[-1] - totals[-2] > 2 * q * (1e-4 + 1e-6):
+            assert index[k].tolist() == ref_index[k].tolist(), f"problem {k}"
+
+
+def test_hungarian_plan_is_the_other_roundings_plan(rng_seed):
+    cost = forbidden_costs(4, 5, 7, 0.3).to(DEVICE)
+    plans = [
+        sk.sinkhorn_match(cost, 0.1, 5, rounding, backend="triton").plan
+        for rounding in ("hungarian", "permutation", "argmax")
+    ]
+    assert torch.equal(plans[0], plans[1]) and torch.equal(plans[0], plans[2])
+    pred, target = torch.randn(4, 5, 8, device=DEVICE), torch.randn(2, 6, 8, device=DEVICE)
+    plans = [
+        sk.match_tokens(pred, target, rounding=rounding, backend="triton").plan
+        for rounding in ("hungarian", "permutation")
+    ]
+    assert torch.equal(plans[0], plans[1])
+
+
+def test_hungarian_avoids_the_forbidden_pairs_greedy_takes():
+    # The issue's cost: its plan ties row 0's columns 1 and 2, and rows 1 and 2 on column 0,
+    # so which way the greedy rounding goes depends on the plan's last bit.
+    cost = torch.tensor(ISSUE_COST, device=DEVICE)
+    index, plan = sk.sinkhorn_match(cost, 0.1, 5, "hungarian", backend="triton")
+    assert index.tolist() in ([1, 0, 2], [2, 1, 0])  # equal mass in exact arithmetic
+    assert_exact_hungarian(index[None], plan[None], cost[None])
+    cost = torch.tensor([GREEDY_FORBIDDEN_COST], device=DEVICE)
+    greedy = sk.sinkhorn_match(cost, 0.1, 5, "permutation", backend="triton").index
+    assert torch.isinf(cost[0, range(4), greedy[0]]).any()
+    index, plan = sk.sinkhorn_match(cost, 0.1, 5, "hungarian", backend="triton")
+    assert_exact_hungarian(index, plan, cost)
+    assert torch.equal(index, sk.sinkhorn_match(cost.cpu(), 0.1, 5, "hungarian").index)
+
+
+def test_hungarian_nan_plan_indices_stay_in_range(rng_seed):
+    cost = torch.rand(2, 4, 6, device=DEVICE)
+    cost[0, 1, 2] = float("nan")
+    cost[1, 3] = INF
+    index, _ = sk.sinkhorn_match(cost, rounding="hungarian", backend="triton", validate=False)
+    assert bool(((index >= 0) & (index < 6)).all()), index.tolist()
+    assert all(len(set(row)) == 4 for row in index.tolist())
 
 
 # ----------------------------------------------------------------------------- match_tokens
@@ -221,6 +317,7 @@ TOKEN_CASES = [
     (2, 4, 13, 16, 96, "bf16", False, "permutation", 0.1, 5),
     (1, 1, 16, 16, 96, "fp32", False, "argmax", 1.0, 20),
     (2, 4, 5, 9, 40, "fp32", True, "permutation", 0.05, 1),
+    (2, 3, 5, 7, 24, "fp32", False, "hungarian", 1.0, 2),
 ]
 
 
@@ -317,7 +414,7 @@ def untuned(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("rounding", ["permutation", "argmax"])
+@pytest.mark.parametrize("rounding", ["permutation", "argmax", "hungarian"])
 def test_gpu_sinkhorn_match_full_size(rng_seed, untuned, dtype, rounding):
     cost = make_cost(512, 16, 16, DTYPES[dtype], dtype != "fp16", device="cuda")
     check_sinkhorn(cost, 0.1, 5, rounding)
@@ -329,7 +426,7 @@ def test_gpu_match_tokens_full_size(rng_seed, untuned, dtype):
     dtype = DTYPES[dtype]
     pred = torch.randn(512, 16, 768, device="cuda").to(dtype)
     target = torch.randn(64, 16, 768, device="cuda").to(dtype)
-    for rounding in ("permutation", "argmax"):
+    for rounding in ("permutation", "argmax", "hungarian"):
         check_tokens(pred, target, 0.1, 5, rounding)
     check_tokens(pred.transpose(0, 1).contiguous().transpose(0, 1), target, 0.1, 5, "permutation")
 
@@ -360,7 +457,7 @@ def test_gpu_every_candidate_configuration(rng_seed, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rounding", ["permutation", "argmax"])
+@pytest.mark.parametrize("rounding", ["permutation", "argmax", "hungarian"])
 def test_gpu_large_t(rng_seed, untuned, rounding):
     check_sinkhorn(make_cost(6, 150, 200, torch.float32, False, device="cuda"), 0.1, 5, rounding)
     pred = torch.randn(4, 150, 64, device="cuda")
@@ -373,11 +470,14 @@ def test_gpu_no_host_sync_and_cuda_graph(rng_seed):
     cost = torch.rand(512, 16, 16, device="cuda")
     pred = torch.randn(512, 16, 768, device="cuda")
     target = torch.randn(64, 16, 768, device="cuda")
+    forbidden = cost.masked_fill(torch.rand_like(cost) < 0.3, INF)
 
     def step():
         a = sk.sinkhorn_match(cost, validate=False)
         b = sk.match_tokens(pred, target, validate=False)
-        return a.index, a.plan, b.index, b.plan
+        c = sk.sinkhorn_match(forbidden, rounding="hungarian", validate=False)
+        d = sk.match_tokens(pred, target, rounding="hungarian", validate=False)
+        return a.index, a.plan, b.index, b.plan, c.index, d.index
 
     want = step()  # tunes (and synchronizes) once per shape
     torch.cuda.synchronize()
@@ -395,6 +495,7 @@ def test_gpu_no_host_sync_and_cuda_graph(rng_seed):
     with torch.cuda.graph(graph):
         out = step()
     cost.copy_(torch.rand_like(cost))
+    forbidden.copy_(cost.masked_fill(torch.rand_like(cost) < 0.3, INF))
     pred.copy_(torch.randn_like(pred))
     graph.replay()
     torch.cuda.synchronize()

@@ -117,7 +117,7 @@ class LossConfig:
     matcher: Literal["sinkhorn", "hungarian", "none"] = key()
     match_eps: float = key(range=POSITIVE)
     match_iters: int = key(range=AT_LEAST_ONE)
-    match_rounding: Literal["argmax", "permutation"] = key()
+    match_rounding: Literal["argmax", "permutation", "hungarian"] = key()
     # per_group: the CLS term sums the means over the global view, the masked views and the
     # local crops, KoLeo sums global and masked (the public code); pooled: one mean over all
     views: Literal["per_group", "pooled"] = key("pooled")
