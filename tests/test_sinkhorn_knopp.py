@@ -427,6 +427,24 @@ def test_gpu_full_size_matches_reference(rng_seed, n, p, dtype):
 
 @pytest.mark.gpu
 @needs_triton
+@pytest.mark.parametrize("n,p", [(2048, 16384), (300, 40000)])
+def test_gpu_exact_rows_and_float64(rng_seed, n, p):
+    """Full size: outlier rows normalized on the resident and the chunked kernels, and
+    float64 scores computed in float64 (against the reference's float64 on the GPU)."""
+    scores = outlier_scores(n, p).cuda()
+    q = sk.sinkhorn_knopp(scores, backend="triton")
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(n, device="cuda"), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q, sk.sinkhorn_knopp(scores, backend="torch"), rtol=1e-4, atol=1e-7)
+    scores64 = outlier_scores(n // 4, p, torch.float64).cuda()
+    q64 = sk.sinkhorn_knopp(scores64, backend="triton")
+    assert q64.dtype == torch.float64
+    torch.testing.assert_close(
+        q64, sk.sinkhorn_knopp(scores64, backend="torch"), rtol=0, atol=1e-12
+    )
+
+
+@pytest.mark.gpu
+@needs_triton
 def test_gpu_huge_logits_and_scale(rng_seed):
     scores = torch.randn(512, 4096, device="cuda") * 400
     q = sk.sinkhorn_knopp(scores, n_iters=5, scale=0.5, backend="triton")
