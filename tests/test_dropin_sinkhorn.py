@@ -15,13 +15,12 @@ import datetime
 import importlib.metadata
 import importlib.util
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from dinov2.loss import DINOLoss, iBOTPatchLoss
 from lightly.loss import capi_loss, msn_loss, swav_loss
+from ranks import spawn_ranks
 
 import stellar_kernels as sk
 from stellar_kernels._triton import HAS_TRITON
@@ -135,19 +134,13 @@ def test_capi_lightly_one_problem_per_position(rng_seed, backend, b, s, c, itera
 # ----------------------------------------------------------------------------- two processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _clients_worker(rank, port, uneven, even, logits, backend, queue):
+def _clients_worker(rank, world, port, uneven, even, logits, backend, queue):
     """Every all-reducing client and ours on this rank's rows; numpy results by name."""
     if backend == "triton":
         os.environ["TRITON_INTERPRET"] = "1"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group(
-        "gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
     )
     try:
         rows, same, seq = uneven[rank], even[rank], logits[rank]
@@ -186,26 +179,10 @@ def test_all_reducing_clients_on_two_ranks(rng_seed, monkeypatch, backend):
     uneven = [prototype_scores(n, 24) for n in (13, 20)]
     even = [prototype_scores(16, 24) for _ in range(2)]
     logits = [prototype_scores(n * 3, 11).view(n, 3, 11) * 20 for n in (9, 6)]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(target=_clients_worker, args=(r, port, uneven, even, logits, backend, queue))
-        for r in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, res = queue.get(timeout=150)
-            results[rank] = {name: torch.from_numpy(q) for name, q in res.items()}
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
+    results = {
+        rank: {name: torch.from_numpy(q) for name, q in res.items()}
+        for rank, res in spawn_ranks(_clients_worker, (uneven, even, logits, backend)).items()
+    }
     for rank in (0, 1):
         r = results[rank]
         torch.testing.assert_close(r["ours"], r["ibot"], **F32)

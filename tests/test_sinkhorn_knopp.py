@@ -7,12 +7,12 @@ Without a GPU the Triton kernels run under TRITON_INTERPRET=1 on CPU tensors
 import datetime
 import importlib
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from ranks import free_port, spawn_ranks
 from scipy.special import logsumexp
 
 import stellar_kernels as sk
@@ -303,12 +303,6 @@ def test_compiles_without_graph_break(rng_seed):
     torch.testing.assert_close(compiled(scores), fn(scores), rtol=1e-5, atol=1e-6)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _distributed_worker(rank, world, port, rows_per_rank, backend, env, queue):
     os.environ.update(env)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -325,7 +319,7 @@ def _distributed_worker(rank, world, port, rows_per_rank, backend, env, queue):
         q_local = sk.sinkhorn_knopp(rows, n_iters=3, backend=backend, local=True, validate=False)
         # numpy arrays travel by value: a tensor would be shared through a file descriptor
         # that dies with this process if it exits before the parent has read it.
-        queue.put((rank, q, q_local.numpy()))
+        queue.put((rank, (q, q_local.numpy())))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -338,29 +332,8 @@ def run_two_ranks(rows_per_rank: list[torch.Tensor], backend: str, monkeypatch):
         # chosen before triton is imported (spawned workers inherit this environment).
         env = {"TRITON_INTERPRET": "1"}
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _free_port()
-    procs = [
-        ctx.Process(
-            target=_distributed_worker, args=(r, 2, port, rows_per_rank, backend, env, queue)
-        )
-        for r in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    results = {}
-    try:
-        for _ in procs:
-            rank, q, q_local = queue.get(timeout=150)
-            results[rank] = (q, torch.from_numpy(q_local))
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-            if proc.is_alive():
-                proc.kill()
-    assert [proc.exitcode for proc in procs] == [0, 0]
-    return results
+    results = spawn_ranks(_distributed_worker, (rows_per_rank, backend, env))
+    return {rank: (q, torch.from_numpy(q_local)) for rank, (q, q_local) in results.items()}
 
 
 BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
@@ -521,7 +494,7 @@ def test_gpu_nccl_all_reduce_path(rng_seed):
     scores = torch.randn(300, 2000) * 4
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_nccl_worker, args=(_free_port(), scores, queue))
+    proc = ctx.Process(target=_nccl_worker, args=(free_port(), scores, queue))
     proc.start()
     q, q_local = (torch.from_numpy(x) for x in queue.get(timeout=180))
     proc.join(timeout=60)
