@@ -127,7 +127,7 @@ def sk_accumulator(dtype: torch.dtype) -> torch.dtype:
 def sk_score_flags(scores: torch.Tensor) -> torch.Tensor:
     """(2,) float32: NaN or +inf among the scores, a row whose scores are all -inf.
 
-    aminmax propagates NaN and shows +inf, so no N x P mask is formed for the first.
+    amax propagates NaN and shows +inf, so no N x P mask is formed for the first.
     """
     if scores.numel() == 0:
         return torch.zeros(2, dtype=torch.float32, device=scores.device)
@@ -204,9 +204,9 @@ def sinkhorn_knopp_reference(
     place, eps added to every sum; a row whose entries all underflow ends near zero.
     eps = 0 is SwAV's normalization exactly: the buffer holds log q, each row step but
     the last subtracts the row's log-sum-exp, and the last is a softmax over the row, so
-    every row sums to 1 whatever the scores. Column
-    sums need no such care: the column step leaves each column with unit mass, so after
-    the row step a column still holds at least 1/P of it (scale 1).
+    every row sums to 1 whatever the scores. Column sums need no such care: the column
+    step leaves each column with unit mass, so after the row step a column still holds at
+    least 1/P of it (scale 1).
     """
     if n_iters == 0:
         return sinkhorn_knopp_zero_iterations(scores, group, flag)
