@@ -537,7 +537,8 @@ def sinkhorn_knopp_triton(
                         eps, LAST=False, PREFETCH=prefetch, num_warps=warps, **options,
                     )  # fmt: skip
 
-                key = tune_key("sinkhorn_knopp_rows", device, scores.dtype, N, P, exact)
+                op = "sinkhorn_knopp_rows_exact" if exact else "sinkhorn_knopp_rows"
+                key = tune_key(op, device, scores.dtype, N, P)
                 prefetch, num_warps = autotune(key, resident_candidates(num_warps), timed, device)
                 options["PREFETCH"] = prefetch
             kernel = _sk_rows_resident_kernel
