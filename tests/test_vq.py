@@ -1,7 +1,7 @@
 """MaskGIT-VQGAN tokenizer (stellar.models.vq) and training with the VQ reconstruction target.
 
-The tokenizer is checked against the released checkpoint's key set and shapes, written out
-here from the architecture; its forward against a functional float64 implementation of
+The tokenizer is checked against the released checkpoint's key set and shapes, a literal list
+in tests/data; its forward against a functional float64 implementation of
 that architecture; its codes against brute-force nearest neighbours. Training uses a
 randomly initialized tokenizer saved in the released format.
 """
@@ -9,6 +9,7 @@ randomly initialized tokenizer saved in the released format.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,51 +24,9 @@ from stellar.train.train import main
 MULT = (1, 1, 2, 2, 4)
 
 
-def released_shapes(hidden=128, z=256, codes=1024, blocks=2) -> dict[str, tuple]:
-    """Every key of maskgit-vqgan-imagenet-f16-256.bin with its shape, from the architecture."""
-    shapes: dict[str, tuple] = {}
-    widths = [hidden * m for m in MULT]
-
-    def norm(name, c):
-        shapes[f"{name}.weight"] = (c,)
-        shapes[f"{name}.bias"] = (c,)
-
-    def conv(name, cin, cout, k, bias=True):
-        shapes[f"{name}.weight"] = (cout, cin, k, k)
-        if bias:
-            shapes[f"{name}.bias"] = (cout,)
-
-    def res(name, cin, cout):
-        norm(f"{name}.norm1", cin)
-        conv(f"{name}.conv1", cin, cout, 3, bias=False)
-        norm(f"{name}.norm2", cout)
-        conv(f"{name}.conv2", cout, cout, 3, bias=False)
-        if cin != cout:
-            conv(f"{name}.nin_shortcut", cout, cout, 1, bias=False)
-
-    conv("encoder.conv_in", 3, hidden, 3, bias=False)
-    cin = hidden
-    for i, w in enumerate(widths):
-        for j in range(blocks):
-            res(f"encoder.down.{i}.block.{j}", cin if j == 0 else w, w)
-        cin = w
-    for j in range(blocks):
-        res(f"encoder.mid.{j}", widths[-1], widths[-1])
-    norm("encoder.norm_out", widths[-1])
-    conv("encoder.conv_out", widths[-1], z, 1)
-    conv("decoder.conv_in", z, widths[-1], 3)
-    for j in range(blocks):
-        res(f"decoder.mid.{j}", widths[-1], widths[-1])
-    for i, w in enumerate(widths):
-        cin = widths[min(i + 1, len(widths) - 1)]
-        for j in range(blocks):
-            res(f"decoder.up.{i}.block.{j}", cin if j == 0 else w, w)
-        if i != 0:
-            conv(f"decoder.up.{i}.upsample_conv", w, w, 3)
-    norm("decoder.norm_out", widths[0])
-    conv("decoder.conv_out", widths[0], 3, 3)
-    shapes["quantize.embedding.weight"] = (codes, z)
-    return shapes
+RELEASED_KEYS = Path(__file__).parent / "data" / "maskgit_vqgan_imagenet_f16_256_keys.json"
+"""Every key of maskgit-vqgan-imagenet-f16-256.bin with its shape, as the public PyTorch port
+that loads the file strictly (bytedance/1d-tokenizer's PretrainedTokenizer) declares them."""
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +42,10 @@ def released_file(tmp_path_factory):
 
 
 def test_keys_and_shapes_are_the_released_checkpoints():
+    released = {k: tuple(shape) for k, shape in json.loads(RELEASED_KEYS.read_text()).items()}
     got = {k: tuple(v.shape) for k, v in MaskGITVQGAN().state_dict().items()}
-    assert got == released_shapes()
+    assert list(got) == list(released)  # the same keys in the same order
+    assert got == released
 
 
 def test_strict_round_trip_frozen_and_in_eval_mode(released_file):
