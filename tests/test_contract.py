@@ -494,6 +494,43 @@ def test_gpu_tuning_leaves_other_threads_alone(rng_seed):
 # ----------------------------------------------------------------------------- 6. backend choice
 
 
+DEFAULT_CASES = {
+    # operator: (its module, the Triton entry it runs, a call on small CPU inputs)
+    "sinkhorn_match": ("sinkhorn_match", "sinkhorn_match_triton", lambda: sk.sinkhorn_match(torch.rand(2, 3, 4))),
+    "match_tokens": ("match_tokens", "match_tokens_triton", lambda: sk.match_tokens(torch.randn(4, 3, 8), torch.randn(2, 3, 8))),
+    "sinkhorn_knopp": ("sinkhorn_knopp", "sinkhorn_knopp_triton", lambda: sk.sinkhorn_knopp(torch.randn(5, 7))),
+    "localization": ("localization", "_factorize_triton", lambda: sk.localization(torch.randn(2, 6, 8), torch.randn(2, 3, 8))),
+    "factorize": ("localization", "_factorize_triton", lambda: sk.factorize(torch.randn(2, 6, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 5))),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("op", sorted(DEFAULT_CASES))
+def test_cuda_tensors_default_to_triton_and_cpu_tensors_to_torch(monkeypatch, op):
+    """The real backend choice, told the inputs sit on a CUDA device, runs the Triton entry
+    (in the interpreter here); on the CPU device it runs the reference."""
+    monkeypatch.delenv("STELLAR_KERNELS_BACKEND", raising=False)
+    module_name, entry, call = DEFAULT_CASES[op]
+    module = importlib.import_module(f"stellar_kernels.{module_name}")
+    calls = []
+    launch = getattr(module, entry)
+
+    def recorded(*args, **kwargs):
+        calls.append(entry)
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(module, entry, recorded)
+    call()
+    assert calls == [], f"{op} on a CPU tensor ran {entry}"
+    real = module.resolve_backend
+
+    def as_if_on_cuda(name, backend, device, *args, **kwargs):
+        return real(name, backend, torch.device("cuda"), *args, **kwargs)
+
+    monkeypatch.setattr(module, "resolve_backend", as_if_on_cuda)
+    call()
+    assert calls == [entry], f"{op} on a CUDA tensor did not run {entry}"
+
+
 def test_unknown_environment_backend_raises(monkeypatch):
     monkeypatch.setenv("STELLAR_KERNELS_BACKEND", "tritn")
     for call in (

@@ -274,19 +274,6 @@ def test_triton_input_unchanged_and_strided(rng_seed):
 
 
 @needs_triton
-def test_triton_is_the_cuda_default(monkeypatch):
-    seen = {}
-
-    def spy(op, backend, device, available, default_cuda, default_cpu, *args, **kwargs):
-        seen.update(default_cuda=default_cuda, default_cpu=default_cpu)
-        return "torch"
-
-    monkeypatch.setattr(skm, "resolve_backend", spy)
-    sk.sinkhorn_knopp(torch.randn(3, 4))
-    assert seen == {"default_cuda": "triton", "default_cpu": "torch"}
-
-
-@needs_triton
 def test_custom_op_opcheck(rng_seed):
     scores = (torch.randn(9, 20) * 3).to(DEVICE)
     torch.library.opcheck(skm.sinkhorn_knopp_op, (scores, 2, 0.5, 1e-8))

@@ -360,20 +360,6 @@ def test_match_tokens_views_are_close_to_the_target(rng_seed):
 # ----------------------------------------------------------------------------- backend, ops, compile
 
 
-def test_cuda_default_is_triton(monkeypatch):
-    seen = {}
-
-    def spy(op, backend, device, available, default_cuda, default_cpu, *args, **kwargs):
-        seen[op] = (default_cuda, default_cpu)
-        return "torch"
-
-    monkeypatch.setattr(sm, "resolve_backend", spy)
-    monkeypatch.setattr(mt, "resolve_backend", spy)
-    sk.sinkhorn_match(torch.rand(3, 4))
-    sk.match_tokens(torch.randn(2, 3, 5), torch.randn(1, 3, 5))
-    assert seen == {"sinkhorn_match": ("triton", "torch"), "match_tokens": ("triton", "torch")}
-
-
 def test_custom_ops_pass_opcheck(rng_seed):
     cost = make_cost(3, 5, 7, torch.float32, False)
     torch.library.opcheck(
