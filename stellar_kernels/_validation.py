@@ -78,17 +78,32 @@ def checking(validate: bool, x: torch.Tensor) -> bool:
     return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def check_costs(name: str, cost: torch.Tensor) -> None:
-    """+inf is a forbidden pair; NaN, -inf and a row with no allowed column raise.
+COST_RANGE = 1e37
+"""Largest |cost| / eps the matchers take: their float32 duals add and subtract a few
+scaled costs (log2(e) |cost| / eps each), which must stay below float32's 3.4e38."""
 
-    One reduction to the row minima (NaN propagates, -inf and an all-+inf row show) and
-    one host read of three flags.
+
+def check_costs(name: str, cost: torch.Tensor, eps: float) -> None:
+    """+inf is a forbidden pair; NaN, -inf, a row with no allowed column and finite costs
+    beyond COST_RANGE * eps raise.
+
+    Two reductions (the row minima, where NaN propagates and -inf and an all-+inf row
+    show, and the largest finite cost) and one host read.
     """
     if cost.numel() == 0:
         return
     row_min = cost.amin(dim=-1)
-    nan, neg_inf, full_row = torch.stack(
-        [row_min.isnan().any(), (row_min == -math.inf).any(), (row_min == math.inf).any()]
+    finite_max = cost.masked_fill(cost == math.inf, -math.inf).amax()
+    magnitude = torch.maximum(
+        finite_max.abs(), row_min.masked_fill(row_min == math.inf, 0).abs().amax()
+    )
+    nan, neg_inf, full_row, largest = torch.stack(
+        [
+            row_min.isnan().any(),
+            (row_min == -math.inf).any(),
+            (row_min == math.inf).any(),
+            magnitude.float(),
+        ]
     ).tolist()
     shape = tuple(cost.shape)
     if nan:
@@ -99,27 +114,38 @@ def check_costs(name: str, cost: torch.Tensor) -> None:
         raise ValueError(
             f"{name} has a row with no allowed column (every entry +inf, shape {shape})"
         )
+    if largest > COST_RANGE * eps:
+        raise ValueError(
+            f"{name} / eps must lie within +-{COST_RANGE:.0e} (float32 duals): the largest "
+            f"|{name}| is {largest:.3g} at eps {eps} (shape {shape}); rescale the costs"
+        )
 
 
-def check_finite(**tensors: torch.Tensor) -> None:
-    """Every tensor free of NaN and infinities; one host read for all of them."""
-    from .reference import nonfinite_flag
+def check_finite(why: str = "", **tensors: torch.Tensor | tuple[torch.Tensor, float]) -> None:
+    """Every tensor free of NaN and infinities and, given as (tensor, max_abs), of entries
+    beyond +-max_abs (`why` says what they would overflow); one host read for all of them.
 
-    flags = torch.stack([nonfinite_flag(x) for x in tensors.values()]).tolist()
-    for (name, x), bad in zip(tensors.items(), flags):
-        if bad:
-            raise ValueError(f"{name} contains NaN or an infinity (shape {tuple(x.shape)})")
-
-
-def check_no_nan(**tensors: torch.Tensor) -> None:
-    """Every tensor free of NaN (a max reduction propagates it: no x-sized mask); one host read."""
-    present = {name: x for name, x in tensors.items() if x.numel()}
+    aminmax propagates NaN and shows either infinity and the largest magnitude, so no
+    x-sized mask is formed.
+    """
+    bounded = {
+        name: arg if isinstance(arg, tuple) else (arg, math.inf) for name, arg in tensors.items()
+    }
+    present = {name: arg for name, arg in bounded.items() if arg[0].numel()}
     if not present:
         return
-    flags = torch.stack([x.amax().isnan() for x in present.values()]).tolist()
-    for (name, x), bad in zip(present.items(), flags):
+    flags = []
+    for x, max_abs in present.values():
+        lo, hi = (v.float() for v in torch.aminmax(x))
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        flags.append(torch.stack([~finite, torch.maximum(lo.abs(), hi.abs()) > max_abs]))
+    for (name, (x, max_abs)), (bad, big) in zip(present.items(), torch.stack(flags).tolist()):
         if bad:
-            raise ValueError(f"{name} contains NaN (shape {tuple(x.shape)})")
+            raise ValueError(f"{name} contains NaN or an infinity (shape {tuple(x.shape)})")
+        if big:
+            raise ValueError(
+                f"{name} has entries beyond +-{max_abs:.3g} ({why}; shape {tuple(x.shape)})"
+            )
 
 
 def raise_if_bad_scores(flags: torch.Tensor, shape: tuple[int, ...], across_ranks: bool) -> None:

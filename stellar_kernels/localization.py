@@ -23,11 +23,13 @@ derivative) differentiates the PyTorch reference instead, so higher derivatives 
 on both paths.
 """
 
+import math
+
 import torch
 
 from ._backend import resolve_backend, triton_interpreting
 from ._triton import bound_launch, on_device, sm_count, tl, triton
-from ._validation import check_no_nan, check_positive, check_same_device, check_tensor, checking
+from ._validation import check_finite, check_positive, check_same_device, check_tensor, checking
 from .reference import factorize_reference, localization_reference
 
 LOC_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -699,6 +701,19 @@ def _check_pair(dense: torch.Tensor, sparse: torch.Tensor, temperature: float) -
     return check_positive("temperature", temperature)
 
 
+def _check_inputs(
+    dense: torch.Tensor, sparse: torch.Tensor, values: torch.Tensor | None = None
+) -> None:
+    """No NaN or infinity, and features whose squared norms stay within the computing dtype
+    (float32, or float64 for float64 inputs): |x| sqrt(d) at most sqrt(max) / 4. lowrank
+    is a convex combination of the values, so they need only be finite."""
+    acc = torch.promote_types(dense.dtype, torch.float32)
+    limit = math.sqrt(torch.finfo(acc).max) / 4 / math.sqrt(max(dense.shape[2], 1))
+    why = f"their squared norms would leave {str(acc).removeprefix('torch.')}"
+    extra = {} if values is None else {"values": values}
+    check_finite(why, dense=(dense, limit), sparse=(sparse, limit), **extra)
+
+
 def _triton_reason(
     dense: torch.Tensor, sparse: torch.Tensor, values: torch.Tensor | None
 ) -> str | None:
@@ -753,9 +768,10 @@ def localization(
             also for float64 inputs, K > 64, or where triton is not installed), "torch"
             or "triton" (a CUDA tensor, or a CPU tensor under TRITON_INTERPRET=1, of a
             half or float32 dtype with K <= 64; else ValueError).
-        validate: raise ValueError if `dense` or `sparse` holds NaN (one host read);
-            skipped while torch.compile traces and while a CUDA graph captures, and
-            everywhere with validate=False.
+        validate: raise ValueError if `dense` or `sparse` holds NaN or an infinity, or
+            entries so large that squared norms would overflow (|x| sqrt(d) beyond 4.6e18
+            in float32; one host read); skipped while torch.compile traces and while a
+            CUDA graph captures, and everywhere with validate=False.
 
     Returns:
         spatial (B, N, K) in the input dtype; differentiable w.r.t. dense and sparse, with
@@ -765,7 +781,7 @@ def localization(
     temperature = _check_pair(dense, sparse, temperature)
     impl = _pick("localization", backend, dense, sparse, None)
     if checking(validate, dense):
-        check_no_nan(dense=dense, sparse=sparse)
+        _check_inputs(dense, sparse)
     if impl == "triton":
         return _factorize_triton(dense, sparse, None, temperature)[0]
     return localization_reference(dense, sparse, temperature)
@@ -792,9 +808,11 @@ def factorize(
             triton is not installed), "torch" or "triton" (a CUDA tensor, or a CPU tensor
             under TRITON_INTERPRET=1, of one half or float32 dtype with K <= 64; else
             ValueError).
-        validate: raise ValueError if `dense`, `sparse` or `values` holds NaN (one host
-            read); skipped while torch.compile traces and while a CUDA graph captures,
-            and everywhere with validate=False.
+        validate: raise ValueError if `dense`, `sparse` or `values` holds NaN or an
+            infinity, or if `dense` or `sparse` has entries so large that squared norms
+            would overflow (|x| sqrt(d) beyond 4.6e18 in float32; one host read); skipped
+            while torch.compile traces and while a CUDA graph captures, and everywhere
+            with validate=False.
 
     Returns:
         (spatial (B, N, K), lowrank (B, N, D) = spatial @ values), differentiable
@@ -812,7 +830,7 @@ def factorize(
         )
     impl = _pick("factorize", backend, dense, sparse, values)
     if checking(validate, dense):
-        check_no_nan(dense=dense, sparse=sparse, values=values)
+        _check_inputs(dense, sparse, values)
     if impl == "triton":
         return _factorize_triton(dense, sparse, values, temperature)
     return factorize_reference(dense, sparse, values, temperature)

@@ -21,11 +21,13 @@ a half type, would move the costs by more than the gaps the matching must resolv
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._backend import resolve_backend
 from ._triton import autotune, bound_launch, on_device, tl, triton, tune_key
-from ._validation import check_finite, check_same_device, check_tensor, checking
+from ._validation import COST_RANGE, check_finite, check_same_device, check_tensor, checking
 from .reference import euclidean_cost_reference, match_tokens_reference
 from .sinkhorn_match import (
     LOG2E,
@@ -182,6 +184,14 @@ def _match_tokens_fake(pred, target, eps, n_iters, rounding):
 # ----------------------------------------------------------------------------- public API
 
 
+def token_limit(dim: int, eps: float) -> float:
+    """Largest |token entry| match_tokens takes: two tokens M apart per entry are 2 M sqrt(D)
+    apart, and both that distance squared (at most float32's max / 4 here) and the distance
+    / eps (at most COST_RANGE, as sinkhorn_match takes) must stay within float32."""
+    root = math.sqrt(max(dim, 1))
+    return min(math.sqrt(torch.finfo(torch.float32).max) / 4, COST_RANGE * eps / 2) / root
+
+
 def match_tokens(
     pred: torch.Tensor,
     target: torch.Tensor,
@@ -204,10 +214,12 @@ def match_tokens(
             greedy "permutation" returns the same where the row-wise argmax is one-to-one
             (the usual case for views close to their target) and can fall short of that
             mass where it repeats a target.
-        validate: raise ValueError if `pred` or `target` holds NaN or an infinity (one
-            host read); skipped while torch.compile traces and while a CUDA graph
-            captures, and everywhere with validate=False. Finite tokens give finite
-            costs, so no pair is ever forbidden.
+        validate: raise ValueError if `pred` or `target` holds NaN or an infinity, or
+            entries so large that squared distances, or distances / eps, would leave
+            float32 (|x| sqrt(D) beyond 4.6e18, or beyond 5e36 * eps; one host read).
+            Skipped while torch.compile traces and while a CUDA graph captures, and
+            everywhere with validate=False. Tokens that pass give finite costs, so no
+            pair is ever forbidden.
 
     Returns:
         The same as ``sinkhorn_match(torch.cdist(pred, target.repeat_interleave(V, 0)))``:
@@ -217,7 +229,8 @@ def match_tokens(
     check_tensor("pred", pred, (3,), MATCH_DTYPES)
     check_tensor("target", target, (3,), MATCH_DTYPES)
     check_same_device(pred=pred, target=target)
-    if target.shape[0] == 0 or pred.shape[0] % target.shape[0] != 0:
+    images = target.shape[0]
+    if (pred.shape[0] % images != 0) if images else pred.shape[0] != 0:
         raise ValueError(
             f"pred's batch must be a multiple (V views) of target's: pred {tuple(pred.shape)}, "
             f"target {tuple(target.shape)}"
@@ -237,7 +250,14 @@ def match_tokens(
         "match_tokens", backend, pred.device, ("torch", "triton"), "triton", "torch"
     )
     if checking(validate, pred):
-        check_finite(pred=pred, target=target)
+        limit = token_limit(pred.shape[2], eps)
+        why = "their squared distances, or distances / eps, would leave float32"
+        check_finite(why, pred=(pred, limit), target=(target, limit))
+    if images == 0:  # an empty batch: nothing to match
+        return MatchResult(
+            pred.new_empty((0, pred.shape[1]), dtype=torch.int64),
+            pred.new_empty((0, pred.shape[1], target.shape[1]), dtype=torch.float32),
+        )
     pred, target = pred.detach(), target.detach()
     computed = kernel_rounding(rounding)
     if impl == "triton":

@@ -104,18 +104,12 @@ def match_tokens_reference(
 # ----------------------------------------------------------------------------- Sinkhorn-Knopp
 
 
-def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
-    """0-dim float32 on x's device: 1 if x holds a NaN or an infinity, else 0 (no host sync).
-
-    aminmax propagates NaN and shows either infinity, so no x-sized mask is formed.
-    """
-    if x.numel() == 0:
-        return torch.zeros((), dtype=torch.float32, device=x.device)
-    lo, hi = torch.aminmax(x)
-    return (~(torch.isfinite(lo) & torch.isfinite(hi))).float()
-
-
-SK_FLAGS = ("NaN or +inf", "a row with no finite score", "a column with no finite score")
+SK_FLAGS = (
+    "NaN, +inf, or a score beyond half of float32's range (float64's for float64 scores), "
+    "where s - max would overflow",
+    "a row with no finite score",
+    "a column with no finite score",
+)
 """What each entry of sinkhorn_knopp's (3,) flag vector reports (1 when present)."""
 
 
@@ -124,15 +118,19 @@ def sk_accumulator(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def sk_score_flags(scores: torch.Tensor) -> torch.Tensor:
-    """(2,) float32: NaN or +inf among the scores, a row whose scores are all -inf.
+def sk_score_limit(dtype: torch.dtype) -> float:
+    """The largest |score| Sinkhorn-Knopp takes: s - column max must not overflow."""
+    return torch.finfo(sk_accumulator(dtype)).max / 2
 
-    amax propagates NaN and shows +inf, so no N x P mask is formed for the first.
-    """
+
+def sk_score_flags(scores: torch.Tensor) -> torch.Tensor:
+    """(2,) float32: a score that is NaN, +inf or beyond sk_score_limit; a row whose scores
+    are all -inf."""
     if scores.numel() == 0:
         return torch.zeros(2, dtype=torch.float32, device=scores.device)
-    hi = scores.amax()
-    return torch.stack([~(hi < INF), (scores.amax(dim=1) == -INF).any()]).float()
+    magnitude = scores.abs().masked_fill_(scores == -INF, 0).amax()  # NaN propagates
+    too_big = ~(magnitude <= sk_score_limit(scores.dtype))
+    return torch.stack([too_big, (scores.amax(dim=1) == -INF).any()]).float()
 
 
 def sk_flags(col_max: torch.Tensor, score_flags: torch.Tensor) -> torch.Tensor:
@@ -203,7 +201,8 @@ def sinkhorn_knopp_reference(
     eps > 0 is the form of the public STELLAR code: q = exp(s - column max) normalized in
     place, eps added to every sum; a row whose entries all underflow ends near zero.
     eps = 0 is SwAV's normalization exactly: the buffer holds log q, each row step but
-    the last subtracts the row's log-sum-exp, and the last is a softmax over the row, so
+    the last subtracts the row's max and then the log of its sum, and the last is a
+    softmax over the row, so
     every row sums to 1 whatever the scores. Column sums need no such care: the column
     step leaves each column with unit mass, so after the row step a column still holds at
     least 1/P of it (scale 1).
@@ -213,6 +212,8 @@ def sinkhorn_knopp_reference(
     acc = sk_accumulator(scores.dtype)
     col_max, flags = sk_column_max(scores, acc, group, flag)
     q = scores.to(acc) - col_max  # the output buffer; every later step is in place
+    if q.shape[1] == 0:  # no prototypes (on every rank: P is the same everywhere)
+        return q, flags
     if eps > 0:
         q.exp_()
         for _ in range(n_iters):
@@ -224,7 +225,10 @@ def sinkhorn_knopp_reference(
         col_sum = all_reduced_sum(q.exp().sum(dim=0), group)
         q.sub_(col_sum.log_().mul_(scale))
         if it < n_iters - 1:
-            q.sub_(torch.logsumexp(q, dim=1, keepdim=True))
+            # The row's max first, then the log of the sum: a log-sum-exp subtracted at once
+            # would lose its log term against a huge row offset, leaving the row unnormalized.
+            q.sub_(q.amax(dim=1, keepdim=True))
+            q.sub_(q.exp().sum(dim=1, keepdim=True).log_())
     # The last row step divides by the sum itself (a softmax): exp of a rounded log-sum-exp
     # would be off by an ulp of the row's offset, 1e-5 at an offset of 100.
     return torch.softmax(q, dim=1), flags

@@ -54,7 +54,7 @@ the partial buffers are carved out of q before q is
 written (a separate O(P) buffer only when N is too small to hold them).
 
 Bad scores. Pass 1 also raises a flag (one atomic max per program) when it reads
-NaN or +inf and, when validating, marks every row in which it saw a finite score
+NaN, +inf or a score beyond half the range of q's dtype (where s - m would overflow) and, when validating, marks every row in which it saw a finite score
 (one atomic max per row and column block); the two flags (NaN or +inf, a row with
 none) sit after the column max, in the same vector, so the first all-reduce tells
 every rank. A column with no finite score has an all-reduced max of -inf.
@@ -91,6 +91,7 @@ from .reference import (
     sinkhorn_knopp_zero_iterations,
     sk_accumulator,
     sk_flags,
+    sk_score_limit,
 )
 
 
@@ -121,6 +122,7 @@ def _sk_colstats_kernel(
     stride_n,
     stride_p,
     rows_per_split,
+    LIMIT: tl.constexpr,
     CHECK_ROWS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -129,7 +131,7 @@ def _sk_colstats_kernel(
 
     The running max is rescaled as in flash attention, so the max and the sums
     come from one read. Writes pmax[split, col] and psum[split, col], and raises
-    flag[0] to 1 if the block holds a NaN or +inf. CHECK_ROWS: raises seen[row] to 1
+    flag[0] to 1 if the block holds NaN, +inf or a score beyond +-LIMIT. CHECK_ROWS: raises seen[row] to 1
     for every row with a finite score in the block (a row that none raises has none).
     Everything is computed in the dtype of pmax (float32, or float64).
     """
@@ -151,7 +153,9 @@ def _sk_colstats_kernel(
             mask=mask,
             other=float("-inf"),
         ).to(acc_ty)
-        nonfinite = mask & ((s != s) | (s == float("inf")))
+        # NaN, +inf, and finite scores beyond LIMIT (a constexpr: float64's limit needs a
+        # float64 constant, which a runtime float argument would not be).
+        nonfinite = mask & ((s != s) | ((tl.abs(s) > LIMIT) & (s > float("-inf"))))
         bad = tl.maximum(bad, tl.max(nonfinite.to(acc_ty), axis=0))
         if CHECK_ROWS:
             finite = (s > float("-inf")).to(tl.int32)  # false where masked, -inf or NaN
@@ -300,7 +304,9 @@ def _sk_rows_resident_kernel(
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
         a = tl.load(a_ptr + rows, mask=rmask, other=0.0)
-        t = (s - m) + (b + a)
+        # s - m and a can both be huge for a row far below the columns' best; added first,
+        # they cancel exactly, and b, of order log P, is not lost against them.
+        t = ((s - m) + a) + b
         if EXACT:
             row_max = tl.max(t, axis=1, keep_dims=True)
             shift = tl.where(row_max == float("-inf"), 0.0, row_max)  # rows past N
@@ -365,7 +371,7 @@ def _sk_rows_chunked_kernel(
         ).to(acc_ty)
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-        t = (s - m[None, :]) + (b[None, :] + a[:, None])
+        t = ((s - m[None, :]) + a[:, None]) + b[None, :]
         if EXACT:
             new_max = tl.maximum(row_max, tl.max(t, axis=1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
@@ -398,7 +404,7 @@ def _sk_rows_chunked_kernel(
         ).to(acc_ty)
         m = tl.load(m_ptr + cols, mask=cmask, other=0.0)
         b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
-        t = (s - m[None, :]) + (b[None, :] + a[:, None])
+        t = ((s - m[None, :]) + a[:, None]) + b[None, :]
         if EXACT:
             e = tl.exp(t - shift[:, None]) * inv[:, None]
         else:
@@ -501,7 +507,7 @@ def sinkhorn_knopp_triton(
             seen = torch.zeros(N if flag else 1, dtype=torch.int32, device=device)
             _sk_colstats_kernel[(col_blocks, splits)](
                 scores, pmax, psum, stats[P:], seen, N, P, stride_n, stride_p, rows_per_split,
-                CHECK_ROWS=flag, BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P,
+                LIMIT=sk_score_limit(scores.dtype), CHECK_ROWS=flag, BLOCK_N=COLSTATS_BLOCK_N, BLOCK_P=COLSTATS_BLOCK_P,
                 num_warps=COLSTATS_WARPS,
             )  # fmt: skip
             if flag:

@@ -559,8 +559,9 @@ def sinkhorn_match(
         backend: None (Triton on CUDA tensors, else the PyTorch reference; the reference
             also where triton is not installed), "torch" or "triton" (a CUDA tensor, or a
             CPU tensor under TRITON_INTERPRET=1; else ValueError).
-        validate: raise ValueError if `cost` holds NaN or -inf, or a row with no allowed
-            column (one host read). The check is skipped while torch.compile traces and
+        validate: raise ValueError if `cost` holds NaN or -inf, a row with no allowed
+            column, or a finite cost beyond +-1e37 * eps (the float32 duals would overflow;
+            one host read). The check is skipped while torch.compile traces and
             while a CUDA graph captures; validate=False skips it everywhere, and then the
             Triton path never synchronizes with the host (apart from timing its launch
             configurations once per shape, see `stellar_kernels._triton.autotune`).
@@ -577,7 +578,7 @@ def sinkhorn_match(
         "sinkhorn_match", backend, cost.device, ("torch", "triton"), "triton", "torch"
     )
     if checking(validate, cost):
-        check_costs("cost", cost)
+        check_costs("cost", cost, eps)
     batched = (cost if cost.dim() == 3 else cost.unsqueeze(0)).detach()
     computed = kernel_rounding(rounding)
     if impl == "triton":

@@ -200,6 +200,92 @@ def test_factorize_and_localization_reject_nan(rng_seed, backend):
             sk.localization(args["dense"], args["sparse"], backend=backend, validate=False)
 
 
+# ----------------------------------------------------------------------------- 1b. beyond float32
+
+
+def sk_float64(scores: np.ndarray, n_iters: int = 3) -> np.ndarray:
+    """SwAV's Sinkhorn-Knopp in float64 log space (columns, then rows). Each step takes the
+    max out before the log of the sum, so that neither is lost against a huge offset."""
+    log_q = scores.astype(np.float64)
+    for _ in range(n_iters):
+        for axis in (0, 1):
+            log_q = log_q - log_q.max(axis=axis, keepdims=True)
+            log_q = log_q - np.log(np.exp(log_q).sum(axis=axis, keepdims=True))
+    return np.exp(log_q)
+
+
+def test_costs_beyond_float32_duals_raise_and_large_ones_agree():
+    cost = torch.tensor([[1e38, 2e38], [0.5, 0.2]])
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match=r"cost / eps must lie within.*2e\+38"):
+            sk.sinkhorn_match(cost.to(DEVICE), eps=0.1, backend=backend)
+    # Within the range the backends give the float64 answer.
+    results = [sk.sinkhorn_match(cost.to(DEVICE), eps=1e2, backend=b) for b in BACKENDS]
+    want = plan_float64_forbidden(cost[None].numpy(), 1e2, 5)[0]
+    for index, plan in results:
+        assert index.tolist() == [0, 1]
+        np.testing.assert_allclose(plan.cpu().numpy(), want, atol=1e-6)
+
+
+def test_tokens_beyond_float32_distances_raise_and_large_ones_agree(rng_seed):
+    target = torch.randn(2, 4, 8)
+    pred = target.repeat_interleave(3, 0)[:, torch.randperm(4)] + 0.1 * torch.randn(6, 4, 8)
+    for backend in BACKENDS:
+        with pytest.raises(ValueError, match="pred has entries beyond"):
+            sk.match_tokens((pred * 1e19).to(DEVICE), target.to(DEVICE), backend=backend)
+    scaled = [
+        sk.match_tokens((pred * 1e16).to(DEVICE), (target * 1e16).to(DEVICE), backend=b)
+        for b in BACKENDS
+    ]
+    assert torch.equal(scaled[0].index.cpu(), scaled[1].index.cpu())
+    torch.testing.assert_close(scaled[0].plan.cpu(), scaled[1].plan.cpu(), rtol=0, atol=1e-5)
+    assert bool(torch.isfinite(scaled[0].plan).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_huge_scores_computed_or_refused(backend):
+    wide = torch.tensor([[1e300, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    q = sk.sinkhorn_knopp(wide.to(DEVICE), backend=backend)
+    np.testing.assert_allclose(q.cpu().numpy(), sk_float64(wide.numpy()), rtol=0, atol=1e-12)
+    # Scores near float32's limit, s - max (down to -3e38) still within it.
+    big = torch.tensor([[1.5e38, 1.0e38], [1.0e38, 1.5e38], [-1.5e38, -1.0e38], [2.0, 1.0]])
+    q = sk.sinkhorn_knopp(big.to(DEVICE), backend=backend)
+    np.testing.assert_allclose(q.cpu().numpy(), sk_float64(big.double().numpy()), atol=1e-6)
+    with pytest.raises(ValueError, match="beyond half of float32's range"):
+        sk.sinkhorn_knopp(torch.tensor([[3e38, 0.0], [0.0, -3e38]]).to(DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [INF, -INF, 1e30], ids=["+inf", "-inf", "1e30"])
+def test_localization_and_factorize_refuse_infinite_or_overflowing_features(backend, value):
+    dense, sparse, values = torch.randn(2, 7, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 5)
+    bad_dense, bad_sparse = dense.clone(), sparse.clone()
+    bad_dense[1, 4, 2] = bad_sparse[1, 2, 6] = value
+    message = "has entries beyond" if value == 1e30 else "contains NaN or an infinity"
+    with pytest.raises(ValueError, match=f"dense {message}"):
+        sk.localization(bad_dense.to(DEVICE), sparse.to(DEVICE), backend=backend)
+    with pytest.raises(ValueError, match=f"sparse {message}"):
+        sk.factorize(dense.to(DEVICE), bad_sparse.to(DEVICE), values.to(DEVICE), backend=backend)
+    if value != 1e30:  # huge values are fine: lowrank is a convex combination of them
+        bad_values = values.clone()
+        bad_values[0, 1, 1] = value
+        with pytest.raises(ValueError, match="values contains NaN or an infinity"):
+            sk.factorize(
+                dense.to(DEVICE), sparse.to(DEVICE), bad_values.to(DEVICE), backend=backend
+            )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_match_tokens_takes_an_empty_batch(backend):
+    index, plan = sk.match_tokens(
+        torch.randn(0, 4, 8, device=DEVICE), torch.randn(0, 5, 8, device=DEVICE), backend=backend
+    )
+    assert index.shape == (0, 4) and index.dtype == torch.int64
+    assert plan.shape == (0, 4, 5) and plan.dtype == torch.float32
+    with pytest.raises(ValueError, match="multiple"):
+        sk.match_tokens(torch.randn(2, 4, 8), torch.randn(0, 5, 8), backend=backend)
+
+
 # ----------------------------------------------------------------------------- 2. checks that cost nothing
 
 
