@@ -58,6 +58,25 @@ int device_attribute(cudaDeviceAttr attr, int device) {
   return value;
 }
 
+// A card the library holds neither a kernel image nor PTX for fails every launch with an
+// error that names no fix; say which build setting is the fix.
+void check_kernel_image(const void* kernel, int device) {
+  cudaFuncAttributes attributes;
+  const cudaError_t err = cudaFuncGetAttributes(&attributes, kernel);
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    (void)cudaGetLastError();  // not sticky: clear it so the next CUDA call does not see it
+    const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
+    const int minor = device_attribute(cudaDevAttrComputeCapabilityMinor, device);
+    TORCH_CHECK(false, "hungarian_cuda: the stellar_kernels extension holds no kernel image or ",
+                "PTX for this GPU (compute capability ", major, ".", minor,
+                "); rebuild it with TORCH_CUDA_ARCH_LIST naming ", major, ".", minor,
+                " (e.g. TORCH_CUDA_ARCH_LIST=\"", major, ".", minor,
+                "\" pip install -e . --no-build-isolation), or unset TORCH_CUDA_ARCH_LIST for "
+                "the build on first use, which then compiles for the visible GPUs");
+  }
+  C10_CUDA_CHECK(err);
+}
+
 template <typename scalar_t>
 void launch(const at::Tensor& cost_in, bool maximize, int64_t scratch_mode, at::Tensor& index,
             at::Tensor& status) {
@@ -109,6 +128,7 @@ void launch(const at::Tensor& cost_in, bool maximize, int64_t scratch_mode, at::
   TORCH_CHECK(blocks < (int64_t(1) << 31), "hungarian_cuda: batch too large");
 
   auto kernel = hungarian_warp_kernel<scalar_t>;
+  check_kernel_image(reinterpret_cast<const void*>(kernel), device);
   if (shared_bytes > kDefaultSharedBytes) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(shared_bytes)));

@@ -8,11 +8,14 @@ convention; +inf is forbidden when maximizing too).
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from ._backend import resolve_backend
+from . import _build
+from ._backend import environment_backend, resolve_backend
 from ._extension import cuda_extension_built, ensure_loaded, fix_command
 from ._validation import check_tensor, checking
 from .reference import hungarian_scipy
@@ -84,6 +87,23 @@ def _scipy_status(cost: torch.Tensor, index: torch.Tensor, maximize: bool) -> to
     return status.masked_fill(invalid.flatten(1).any(dim=1), _STATUS_INVALID)
 
 
+@functools.cache  # every call on a CUDA tensor asks; finding the toolkit may run nvcc
+def _no_cuda_kernels() -> str:
+    """Why the loaded extension holds no CUDA kernels, and how to build them."""
+    # On a GPU machine the build on first use adds them wherever a toolkit is found, so
+    # what stands in the way is what cuda_plan reports.
+    why = _build.cuda_plan(torch, need_gpu=True)[1] or "it was built without them"
+    if why.startswith("STELLAR_NO_CUDA"):
+        how = "unset STELLAR_NO_CUDA"
+    else:
+        how = (
+            "install a CUDA toolkit and set CUDA_HOME to it (a folder with bin/nvcc and "
+            "lib64/libcudart.so): the extension then rebuilds with them on first use, or "
+            f"at install time with `{fix_command()}`"
+        )
+    return f"the compiled extension holds no CUDA kernels ({why}); to build them, {how}"
+
+
 def _cannot_serve(impl: str, device: torch.device) -> str | None:
     if impl == "cpp" and device.type != "cpu":
         return f"the C++ solver takes CPU tensors, got a {device.type} tensor"
@@ -91,12 +111,39 @@ def _cannot_serve(impl: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return f"the CUDA kernel takes CUDA tensors, got a {device.type} tensor"
         if not cuda_extension_built():
-            return (
-                "the compiled extension holds no CUDA kernels (no CUDA "
-                "toolkit was found when it was built); with CUDA_HOME set to a toolkit: "
-                f"`{fix_command()}`"
-            )
+            return _no_cuda_kernels()
     return None
+
+
+_warned_host_solve = False
+
+
+def _choose_backend(backend: str | None, device: torch.device) -> str:
+    """The backend for a problem on `device`; warns once per process when backend=None
+    sends a CUDA tensor to scipy on the host, which copies and synchronizes (an explicit
+    "scipy", by argument or STELLAR_KERNELS_BACKEND, asks for that and is not warned)."""
+    global _warned_host_solve
+    impl = resolve_backend(
+        "hungarian_match",
+        backend,
+        device,
+        ("cpp", "cuda", "scipy"),
+        "cuda",
+        "cpp",
+        cannot_serve=lambda name: _cannot_serve(name, device),
+        fallbacks=("scipy",),
+        hint="the exact solver's reference implementation is 'scipy'",
+    )
+    asked = backend == "scipy" or (backend is None and environment_backend() == "scipy")
+    if impl == "scipy" and device.type == "cuda" and not asked and not _warned_host_solve:
+        _warned_host_solve = True
+        warnings.warn(
+            "stellar_kernels: hungarian_match solves CUDA tensors on the host with scipy (a "
+            f"copy and a synchronization per call): {_no_cuda_kernels()}; backend='scipy' "
+            "asks for the host solver without this warning",
+            stacklevel=3,
+        )
+    return impl
 
 
 def hungarian_match(
@@ -120,9 +167,11 @@ def hungarian_match(
             With Q > T a row forbidden everywhere is allowed: it is left without a column.
         maximize: maximize the total instead of minimizing it (integer and bool costs too).
         backend: None (the C++ solver on CPU tensors, the CUDA kernel on CUDA tensors; a
-            loop of scipy's solver on a host copy where the extension was built without
-            CUDA), "cpp", "cuda" or "scipy" (the reference: scipy's linear_sum_assignment
-            per problem). A backend that cannot serve the input raises ValueError.
+            loop of scipy's solver on a host copy, with a warning on the first call, where
+            the extension holds no CUDA kernels because no CUDA toolkit was found),
+            "cpp", "cuda" or "scipy" (the reference: scipy's linear_sum_assignment per
+            problem, without that warning). A backend that cannot serve the input raises
+            ValueError.
         validate: raise ValueError naming `cost` and its shape on NaN or an invalid
             infinity, or on a problem with no assignment that gives every row a column
             (Q <= T) or every column a row (Q > T): one host read of the per-problem
@@ -139,17 +188,7 @@ def hungarian_match(
     _check_cost(cost)
     if not isinstance(maximize, bool):
         raise TypeError(f"maximize must be a bool, got {type(maximize).__name__}")
-    impl = resolve_backend(
-        "hungarian_match",
-        backend,
-        cost.device,
-        ("cpp", "cuda", "scipy"),
-        "cuda",
-        "cpp",
-        cannot_serve=lambda name: _cannot_serve(name, cost.device),
-        fallbacks=("scipy",),
-        hint="the exact solver's reference implementation is 'scipy'",
-    )
+    impl = _choose_backend(backend, cost.device)
     check = checking(validate, cost)
     batched = _prepare((cost if cost.dim() == 3 else cost.unsqueeze(0)).detach(), maximize)
     if impl == "scipy":

@@ -116,29 +116,58 @@ def test_build_record_is_read_from_the_file(tmp_path):
     assert _build.read_record(fake_library(tmp_path / "old.so", None)) is None
 
 
+def test_build_record_names_the_kernels():
+    running = _build.build_record(torch)
+    assert _build.full_record(running, with_cuda=False) == f"{running};kernels=cpp"
+    assert _build.full_record(running, with_cuda=True) == f"{running};kernels=cpp,cuda"
+    assert _build.split_record(f"{running};kernels=cpp,cuda") == (
+        running,
+        frozenset({"cpp", "cuda"}),
+    )
+    assert _build.split_record(running) == (running, None)
+
+
 def test_only_a_library_built_for_this_torch_is_loaded(tmp_path):
     running = _build.build_record(torch)
-    assert _extension.why_not_installed(fake_library(tmp_path / "a.so", running), running) is None
+    cpp = _build.full_record(running, with_cuda=False)
+    assert _extension.why_not_installed(fake_library(tmp_path / "a.so", cpp), running) is None
     foreign = "torch=2.4.0;cuda=12.1;cxx11abi=0"
-    why = _extension.why_not_installed(fake_library(tmp_path / "b.so", foreign), running)
+    why = _extension.why_not_installed(
+        fake_library(tmp_path / "b.so", f"{foreign};kernels=cpp"), running
+    )
     assert why is not None and foreign in why and running in why
     why = _extension.why_not_installed(fake_library(tmp_path / "c.so", None), running)
     assert why is not None and "no build record" in why
+    # A record from before kernels= says nothing of the CUDA kernels: built again.
+    why = _extension.why_not_installed(fake_library(tmp_path / "d.so", running), running)
+    assert why is not None and "kernels=" in why
     assert "at install time" in _extension.why_not_installed(None, running)
 
 
-def test_the_loaded_library_was_built_for_this_torch():
+def test_a_library_without_cuda_kernels_is_refused_where_a_gpu_meets_a_toolkit(tmp_path):
+    """cuda_home is what load_extension passes where a GPU is visible and a toolkit found:
+    there a library built without the CUDA kernels is rebuilt with them on first use."""
+    running = _build.build_record(torch)
+    toolkit = Path("/opt/cuda-toolkit")
+    cpp = fake_library(tmp_path / "a.so", _build.full_record(running, with_cuda=False))
+    why = _extension.why_not_installed(cpp, running, cuda_home=toolkit)
+    assert why is not None and "no CUDA kernels" in why and str(toolkit) in why
+    both = fake_library(tmp_path / "b.so", _build.full_record(running, with_cuda=True))
+    assert _extension.why_not_installed(both, running, cuda_home=toolkit) is None
+    assert _extension.why_not_installed(both, running) is None
+
+
+def test_the_loaded_library_was_built_for_this_torch_and_names_its_kernels():
     library = _extension.load_extension()
-    assert _build.read_record(library) == _build.build_record(torch)
-    assert torch.ops.stellar_ext.build_record() == (
-        f"{_build.RECORD_MARK.decode()}{_build.build_record(torch)}]"
-    )
+    expected = _build.full_record(_build.build_record(torch), _extension.cuda_extension_built())
+    assert _build.read_record(library) == expected
+    assert torch.ops.stellar_ext.build_record() == f"{_build.RECORD_MARK.decode()}{expected}]"
 
 
 def test_a_library_built_for_another_torch_is_not_loaded_but_rebuilt(tmp_path):
-    """In a fresh process: the install-time library claims another torch, so the extension
-    is compiled (or found in the cache) for this torch instead, and works."""
-    fake = fake_library(tmp_path / "_C.so", "torch=0.0.1;cuda=None;cxx11abi=0")
+    """In a fresh process, on a cache of its own: the install-time library claims another
+    torch, so the extension is compiled for this torch instead, and works."""
+    fake = fake_library(tmp_path / "_C.so", "torch=0.0.1;cuda=None;cxx11abi=0;kernels=cpp")
     script = textwrap.dedent(
         f"""
         from pathlib import Path
@@ -147,19 +176,24 @@ def test_a_library_built_for_another_torch_is_not_loaded_but_rebuilt(tmp_path):
         _extension.installed_library = lambda: Path({str(fake)!r})
         library = _extension.load_extension()
         assert library != Path({str(fake)!r}), library
-        assert _build.read_record(library) == _build.build_record(torch), library
+        assert _build.read_record(library) == _build.build_record(torch) + ";kernels=cpp", library
         index = torch.ops.stellar_ext.hungarian(torch.tensor([[[2.0, 1.0], [1.0, 3.0]]]), False)[0]
         assert index.tolist() == [[1, 0]], index
         print("LOADED", library)
         """
     )
+    cache = tmp_path / "cache"
+    # STELLAR_NO_CUDA: the C++ sources are enough to show the rebuild, and quick on a GPU too.
+    env = dict(os.environ, STELLAR_KERNELS_CACHE=str(cache), STELLAR_NO_CUDA="1")
     run = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "LOADED" in run.stdout
-    if "compiling the extension" in run.stderr:  # not when the cache already held it
-        assert "torch=0.0.1" in run.stderr, run.stderr
+    assert "compiling the extension" in run.stderr, run.stderr
+    assert "was built for torch=0.0.1" in run.stderr, run.stderr
+    loaded = Path(run.stdout.rsplit("LOADED", 1)[1].strip())
+    assert loaded.is_relative_to(cache), loaded
 
 
 # ----------------------------------------------------------------------------- names
