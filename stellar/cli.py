@@ -2,8 +2,10 @@
 and the --device choice.
 
 A user error (a bad setting, a missing or unreadable file, a corrupt or foreign
-checkpoint) ends a command with `PROG: error: ...` on stderr and exit code 2 (a bad
-setting) or 1, no traceback; STELLAR_TRACEBACK=1 shows the traceback instead.
+checkpoint, an unusable data set: `stellar.errors.UserError` and the file errors) ends a
+command with `PROG: error: ...` on stderr and exit code 2 (a bad setting) or 1, no
+traceback; STELLAR_TRACEBACK=1 shows the traceback instead. Any other exception is a bug
+(of this package or of a library it calls) and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ import torch
 from .errors import ConfigError, UserError
 
 TRACEBACK_VAR = "STELLAR_TRACEBACK"
-FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+FILE_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,  # an --output-dir that is a file
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 
 
@@ -27,16 +35,34 @@ def run_command(prog: str, body: Callable[[], int]) -> int:
     """body()'s exit code, or the one line and exit code of a user error."""
     try:
         return body()
-    except (UserError, ValueError, *FILE_ERRORS) as err:
+    except (UserError, *FILE_ERRORS) as err:
         if os.environ.get(TRACEBACK_VAR):
             raise
         message = str(err.args[0]) if err.args else type(err).__name__
         if isinstance(err, OSError) and err.filename is not None:
             message = f"{err.filename}: {err.strerror or message}"
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        if not isinstance(err, (UserError, *FILE_ERRORS)):
-            print(f"  ({TRACEBACK_VAR}=1 shows where it came from)", file=sys.stderr)
+        print(f"{prog}: error: {_from_worker(message, err)}", file=sys.stderr)
         return 2 if isinstance(err, ConfigError) else 1
+
+
+def _from_worker(message: str, err: BaseException) -> str:
+    """The error's own message where a DataLoader worker raised it: the loader raises it
+    again with the worker's traceback as its message, whose last line is the original."""
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]
+    return re.sub(rf"^([\w.]+\.)?{type(err).__name__}: ", "", last)
+
+
+def check_kernels_environment() -> None:
+    """ConfigError for a STELLAR_KERNELS_BACKEND that names no backend: every operator
+    would raise ValueError on its first call, which is the user's setting, not a bug."""
+    from stellar_kernels._backend import environment_backend
+
+    try:
+        environment_backend()
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -52,6 +78,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         ):
             text += " (default: %(default)s)"
         return text
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= 1")
+    return value
 
 
 def is_device_name(name: str) -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import DEVICE_HELP, HelpFormatter
+    from .cli import DEVICE_HELP, HelpFormatter, positive_int
 
     p = argparse.ArgumentParser(
         prog="stellar-demo", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="where the run and report go")
     p.add_argument("--preset", default="tiny", help="the preset trained (or a YAML file)")
     p.add_argument("--max-steps", type=int, default=None, help="default: the preset's schedule")
-    p.add_argument("--num-images", type=int, default=2000, help="evaluation scenes")
+    p.add_argument("--num-images", type=positive_int, default=2000, help="evaluation scenes")
     p.add_argument("--device", default="auto", help=f"{DEVICE_HELP}, for training and evaluation")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="training overrides")

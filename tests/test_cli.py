@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import stellar
-from stellar.cli import resolve_device
+from stellar.cli import resolve_device, run_command
+from stellar.errors import CheckpointError, ConfigError, DataError
 from stellar.testing import MINI_OVERRIDES
 from stellar.train import schema
 from stellar.train.config import PRESETS, load_preset, validate
@@ -167,6 +168,99 @@ def test_traceback_on_request(tmp_path, monkeypatch):
     monkeypatch.setenv("STELLAR_TRACEBACK", "1")
     with pytest.raises(ValueError, match="train.batch_size"):
         train("--output-dir", str(tmp_path / "r"), "train.batch_size=abc")
+
+
+# ----------------------------------------------------------------------------- user errors, bugs
+
+
+def _raising(err: BaseException):
+    def body() -> int:
+        raise err
+
+    return body
+
+
+@pytest.mark.parametrize(
+    "err,code",
+    [
+        (ConfigError("model.x: bad"), 2),
+        (CheckpointError("run/checkpoint.pt: not readable"), 1),
+        (DataError("--data: no readable image"), 1),
+        (FileNotFoundError(2, "no such file", "missing.pt"), 1),
+        (FileExistsError(17, "File exists", "runs/out"), 1),
+    ],
+)
+def test_the_packages_errors_and_file_errors_are_one_line(capsys, err, code):
+    assert run_command("stellar-x", _raising(err)) == code
+    assert one_error_line(capsys, "stellar-x")
+
+
+@pytest.mark.parametrize(
+    "err", [ValueError("a bug"), RuntimeError("a bug"), TypeError("a bug"), KeyError("align")]
+)
+def test_any_other_error_keeps_its_traceback(err):
+    with pytest.raises(type(err)):
+        run_command("stellar-x", _raising(err))
+
+
+def test_a_value_error_of_the_training_code_is_a_traceback_not_a_user_error(
+    tmp_path, monkeypatch, capsys
+):
+    """A bug (here a ValueError from inside the training path) is not the user's mistake."""
+    import stellar.train.train as train_module
+
+    def broken(*args, **kwargs):
+        raise ValueError("cannot reshape: a bug")
+
+    monkeypatch.setattr(train_module, "build_loader", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        train("--output-dir", str(tmp_path / "r"), "--max-steps", "1", *QUICK)
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_bad_kernels_backend_variable_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("STELLAR_KERNELS_BACKEND", "cuda-fast")
+    assert train("--output-dir", str(tmp_path / "r"), "--max-steps", "1", *QUICK) == 2
+    assert "STELLAR_KERNELS_BACKEND='cuda-fast'" in one_error_line(capsys, "stellar-train")
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_folder_of_unreadable_images_is_one_line(tmp_path, capsys):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "x.png").write_bytes(b"not an image")
+    out = tmp_path / "run"
+    argv = ["--output-dir", str(out), "--data", str(tmp_path / "data"), "--max-steps", "1"]
+    assert train(*argv, *QUICK) == 1
+    assert "none of the 1 image files" in one_error_line(capsys, "stellar-train")
+
+
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--image-size", "36"], "--image-size 36 is not a multiple of the model's patch size 8"),
+        (["--shifts", "100"], "--shifts: the largest shift 100 must be below the image side"),
+    ],
+)
+def test_eval_option_values_the_model_cannot_take_are_one_line(tmp_path, capsys, argv, words):
+    from stellar.eval.cli import main
+
+    task = "equivariance" if "--shifts" in argv else "linear"
+    common = ["--random-init", "--num-images", "10", "--no-progress", "--device", "cpu"]
+    assert main([task, *common, "--output-dir", str(tmp_path / "e"), *argv]) == 2
+    assert words in one_error_line(capsys, "stellar-eval")
+
+
+@pytest.mark.parametrize(
+    "option,value",
+    [("--batch-size", "0"), ("--lrs", "-1"), ("--scales", "0"), ("--num-vis", "0")],
+)
+def test_eval_options_out_of_range_are_refused_by_the_parser(tmp_path, capsys, option, value):
+    from stellar.eval.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["linear", "--random-init", "--output-dir", str(tmp_path / "e"), option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- a trained run

@@ -3,7 +3,7 @@
 Unreadable or corrupt files are skipped: the first time any data-loading
 process meets one, it prints one warning line naming it, and the item is
 replaced by the next readable image. A folder with no readable image at all
-raises RuntimeError.
+raises DataError (a RuntimeError).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 
 from PIL import Image
 from torch.utils.data import Dataset
+
+from ..errors import DataError
 
 IMAGE_EXTENSIONS = (
     ".jpg",
@@ -108,7 +110,7 @@ class ImageFolderDataset(Dataset):
             img = self.read(i, min_size)
             if img is not None:
                 return img, self.samples[i][1]
-        raise RuntimeError(f"--data: none of the {n} image files under {self.root} can be read")
+        raise DataError(f"--data: none of the {n} image files under {self.root} can be read")
 
     def __getitem__(self, index: int) -> dict:
         import numpy as np

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import ConfigError
+
 VARIANTS = {
     "default": {},
     "a": {"loss.recon": 0},
@@ -54,7 +56,9 @@ def run_ablation(args, out: Path) -> dict:
     names = args.variants.split(",") if args.variants else list(VARIANTS)
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        raise ConfigError(
+            f"--variants: unknown variants {unknown}; choose from {', '.join(VARIANTS)}"
+        )
     progress = not args.no_progress
     rows = []
     for name in names:

@@ -20,9 +20,22 @@ from pathlib import Path
 
 import torch
 
-from ..cli import DEVICE_HELP, HelpFormatter, resolve_device, run_command
+from ..cli import (
+    DEVICE_HELP,
+    HelpFormatter,
+    check_kernels_environment,
+    positive_int,
+    resolve_device,
+    run_command,
+)
 from ..errors import ConfigError
-from .features import FEATURE_TYPES, build_data, extract_splits, load_model
+from .features import (
+    FEATURE_TYPES,
+    build_data,
+    encoded_image_size,
+    extract_splits,
+    load_model,
+)
 
 IMAGE_TASKS = (
     "linear",
@@ -37,8 +50,24 @@ IMAGE_TASKS = (
 TASKS = IMAGE_TASKS + ("tokens", "ablation", "all")
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+def _positive_floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers") from None
+    if not values or not all(v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated numbers > 0 expected")
+    return values
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,19 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate the same architecture with freshly initialized weights",
     )
     p.add_argument("--seed", type=int, default=0, help="split, crops and random-init seed")
-    p.add_argument("--num-images", type=int, default=2000, help="embedded scenes to evaluate on")
+    p.add_argument(
+        "--num-images", type=positive_int, default=2000, help="embedded scenes to evaluate on"
+    )
     p.add_argument(
         "--image-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="evaluation image side (default: the model's input size; equivariance: 1.5x)",
     )
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("linear / knn")
     g.add_argument("--features", choices=FEATURE_TYPES, default="sparse", help="what is probed")
-    g.add_argument("--lrs", type=_floats, default=None, help="comma-separated learning rates")
+    g.add_argument(
+        "--lrs", type=_positive_floats, default=None, help="comma-separated learning rates"
+    )
     g.add_argument(
         "--epochs",
         type=int,
@@ -88,23 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
         "0.2-1 + flip) every epoch, centre crops for scoring, AdamW at the first --lrs "
         "(default 1e-3); slower than the default probe on features extracted once",
     )
-    g.add_argument("--k", type=int, default=20, help="k-NN neighbours")
-    g.add_argument("--temperature", type=float, default=0.07, help="k-NN temperature")
+    g.add_argument("--k", type=positive_int, default=20, help="k-NN neighbours")
+    g.add_argument("--temperature", type=_positive_float, default=0.07, help="k-NN temperature")
     g = p.add_argument_group("segmentation")
     g.add_argument(
         "--seg-epochs", type=int, default=20, help="epochs of the two BatchNorm + linear heads"
     )
     g = p.add_argument_group("equivariance / robustness / visualize")
-    g.add_argument("--shifts", type=_floats, default=None, help="pixels (default: 5..30 scaled)")
+    g.add_argument(
+        "--shifts", type=_positive_floats, default=None, help="pixels (default: 5..30 scaled)"
+    )
     g.add_argument(
         "--matcher",
         choices=("sinkhorn", "hungarian"),
         default="sinkhorn",
         help="how tokens are matched across shifts",
     )
-    g.add_argument("--scales", type=_floats, default=None, help="crop area scales")
+    g.add_argument("--scales", type=_positive_floats, default=None, help="crop area scales")
     g.add_argument("--threshold", type=float, default=0.5, help="token map threshold")
-    g.add_argument("--num-vis", type=int, default=6, help="images in the pictures")
+    g.add_argument("--num-vis", type=positive_int, default=6, help="images in the pictures")
     g = p.add_argument_group("tokens / ablation")
     g.add_argument("--runs", nargs="+", help="tokens: run directories trained with different K")
     g.add_argument("--preset", default="tiny", help="ablation (and --random-init alone) preset")
@@ -118,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_image_task(task: str, model, args, out: Path) -> dict:
     progress = not args.no_progress
-    size = args.image_size or int(model.config["img_size"])
+    # Equivariance and robustness resize their crops to the model's input size; every other
+    # task encodes images of --image-size.
+    if task in ("equivariance", "robustness"):
+        size = args.image_size or int(model.config["img_size"])
+    else:
+        size = encoded_image_size(model, args.image_size)
     if task == "segmentation":
         from .segmentation import evaluate_segmentation, folder_splits, scene_splits
 
@@ -205,7 +245,7 @@ def run_image_task(task: str, model, args, out: Path) -> dict:
         from .localization import evaluate_localization
 
         if data.name != "shapes":
-            raise ValueError("localization needs object masks: use --data shapes")
+            raise ConfigError("localization needs object masks: use --data shapes")
         return evaluate_localization(model, data.val, args.batch_size, progress)
     if task == "visualize":
         from .visualize import visualize
@@ -277,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_kernels_environment()
     if args.task in IMAGE_TASKS + ("all",) and args.checkpoint is None and not args.random_init:
         raise ConfigError("--checkpoint is needed (or --random-init)")
     if args.checkpoint is not None and not Path(args.checkpoint).exists():

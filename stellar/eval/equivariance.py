@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import stellar_kernels as sk
 
+from ..errors import ConfigError
 from .features import batches
 
 PAPER_SHIFTS = (5, 10, 15, 20, 25, 30)  # pixels, at 224 x 224
@@ -97,7 +98,9 @@ def evaluate_equivariance(
         shifts = scaled_shifts(side)
     shifts = [int(s) for s in shifts]
     if max(shifts) >= side:
-        raise ValueError(f"largest shift {max(shifts)} must be below the image side {side}")
+        raise ConfigError(
+            f"--shifts: the largest shift {max(shifts)} must be below the image side {side}"
+        )
     acc = {d: {s: ([], []) for s in shifts} for d in ("horizontal", "vertical")}
     for batch in batches(dataset, batch_size, "equivariance", progress):
         images = batch["image"].to(next(model.parameters()).device)

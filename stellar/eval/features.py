@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from ..errors import ConfigError, DataError
+
 EVAL_SCENE_SEED = 1000  # the training renders scenes with the config's seed (0 by default)
 FEATURE_TYPES = ("sparse", "cls", "dense", "concat")
 
@@ -48,10 +50,14 @@ def load_model(
         config = model.config
     else:
         if not random_init:
-            raise ValueError("--checkpoint is needed unless --random-init is given")
-        from ..train.config import load_preset
+            raise ConfigError("--checkpoint is needed unless --random-init is given")
+        from ..train.config import load_preset, validate
 
-        config = load_preset(preset)["model"]
+        # Checked, so that a YAML file's bad or missing keys fail or take their defaults as
+        # in training.
+        cfg = load_preset(preset)
+        validate(cfg)
+        config = cfg["model"]
         model = None
     if random_init:
         gen_state = torch.random.get_rng_state()
@@ -63,6 +69,18 @@ def load_model(
 
 def model_image_size(model) -> int:
     return int(model.config["img_size"])
+
+
+def encoded_image_size(model, requested: int | None) -> int:
+    """The side of the images a task encodes: --image-size, else the model's input size;
+    ConfigError where the encoder cannot cut it into whole patches."""
+    size = requested or model_image_size(model)
+    patch = int(model.patch_size)
+    if size % patch:
+        raise ConfigError(
+            f"--image-size {size} is not a multiple of the model's patch size {patch}"
+        )
+    return size
 
 
 # ---------------------------------------------------------------------------- data
@@ -166,7 +184,7 @@ def build_data(
     if val_data is not None:
         vbase = ImageFolderDataset(val_data)
         if vbase.classes != base.classes:
-            raise ValueError(
+            raise DataError(
                 f"--val-data classes {vbase.classes} differ from --data classes {base.classes}"
             )
         train = EvalImages(base, range(len(base)), size)
@@ -237,7 +255,7 @@ def extract(
         labels.append(batch["label"])
         index.append(batch["index"])
     if not labels:
-        raise RuntimeError("no readable image in the evaluation data")
+        raise DataError("no readable image in the evaluation data")
     result = {k: torch.cat(v) for k, v in feats.items()}
     result["labels"] = torch.cat(labels).long()
     result["index"] = torch.cat(index).long()

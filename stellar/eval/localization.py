@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from .features import batches
 
 
@@ -43,7 +44,7 @@ def evaluate_localization(model, dataset, batch_size: int = 64, progress: bool =
     top_sum, confident, patches = 0.0, 0, 0
     for batch in batches(dataset, batch_size, "localization", progress):
         if "masks" not in batch:
-            raise ValueError("localization needs object masks: use --data shapes")
+            raise ConfigError("localization needs object masks: use --data shapes")
         images = batch["image"].to(device)
         out = model.encode(images)
         top = out["spatial"].float().amax(dim=-1)  # each patch's largest A over the tokens

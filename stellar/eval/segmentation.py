@@ -25,6 +25,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..errors import DataError
+
 IGNORE = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -96,7 +98,7 @@ def _folder_pairs(root: Path) -> list[tuple[Path, Path]]:
                 raise FileNotFoundError(2, f"no label map for {path.name}", str(label))
             pairs.append((path, label))
     if not pairs:
-        raise ValueError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return pairs
 
 

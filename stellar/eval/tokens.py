@@ -12,7 +12,8 @@ import copy
 from pathlib import Path
 
 from ..cli import resolve_device
-from .features import build_data, load_model
+from ..errors import ConfigError
+from .features import build_data, encoded_image_size, load_model
 
 
 def evaluate_run(run, args, progress: bool = True) -> dict:
@@ -20,7 +21,7 @@ def evaluate_run(run, args, progress: bool = True) -> dict:
     from .reconstruction import evaluate_reconstruction
 
     model = load_model(run, False, resolve_device(args.device))
-    size = args.image_size or int(model.config["img_size"])
+    size = encoded_image_size(model, args.image_size)
     data = build_data(args.data, size, args.val_data, args.num_images, args.seed, with_masks=False)
     lin = evaluate_linear(
         model,
@@ -45,7 +46,7 @@ def evaluate_run(run, args, progress: bool = True) -> dict:
 
 def evaluate_tokens(args, out: Path) -> dict:
     if not args.runs:
-        raise ValueError("tokens needs --runs RUN_DIR ... (runs trained with different K)")
+        raise ConfigError("tokens needs --runs RUN_DIR ... (runs trained with different K)")
     rows = [evaluate_run(r, args, not args.no_progress) for r in args.runs]
     rows.sort(key=lambda r: r["num_tokens"])
     res = {

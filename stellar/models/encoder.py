@@ -15,7 +15,19 @@ from typing import NamedTuple
 import timm
 import torch
 from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+# timm.create_model's arguments that the encoder sets itself, and the configuration key that
+# sets each (None: fixed); model.vit_kwargs may not hold them.
+RESERVED_VIT_KWARGS: dict[str, str | None] = {
+    "img_size": "model.img_size",
+    "patch_size": "model.patch_size",
+    "drop_path_rate": "model.drop_path",
+    "num_classes": None,
+    "dynamic_img_size": None,
+    "pretrained": None,
+}
 
 
 class EncoderOutput(NamedTuple):
@@ -25,6 +37,43 @@ class EncoderOutput(NamedTuple):
     """(B, N, D) patch tokens after the final norm (N kept patches for a masked view)."""
     sparse: torch.Tensor
     """(B, K, D) the latent queries' outputs after the final norm."""
+
+
+def create_vit(
+    arch: str,
+    img_size: int,
+    patch_size: int | None = None,
+    drop_path: float = 0.0,
+    vit_kwargs: dict | None = None,
+) -> nn.Module:
+    """The timm model the encoder wraps (on the current default device: the configuration's
+    check builds it on the meta device, without memory or initialization time)."""
+    kwargs = dict(vit_kwargs or {})
+    if patch_size is not None:
+        kwargs["patch_size"] = patch_size
+    return timm.create_model(
+        arch,
+        pretrained=False,
+        num_classes=0,
+        img_size=img_size,
+        dynamic_img_size=True,
+        drop_path_rate=drop_path,
+        **kwargs,
+    )
+
+
+def unusable_vit(vit: nn.Module) -> str | None:
+    """Why the encoder cannot run `vit` (None when it can): `forward` calls
+    VisionTransformer's patch embedding, position embedding and blocks, and reads the class
+    token from the first position."""
+    if not isinstance(vit, VisionTransformer):
+        return f"{type(vit).__name__} is not a timm VisionTransformer"
+    if getattr(vit, "cls_token", None) is None:
+        return "it has no class token"
+    in_chans = getattr(getattr(vit.patch_embed, "proj", None), "in_channels", 3)
+    if in_chans != 3:
+        return f"it takes {in_chans} input channels, not the 3 of an RGB image"
+    return None
 
 
 class SparseViTEncoder(nn.Module):
@@ -51,20 +100,9 @@ class SparseViTEncoder(nn.Module):
         vit_kwargs: dict | None = None,
     ) -> None:
         super().__init__()
-        kwargs = dict(vit_kwargs or {})
-        if patch_size is not None:
-            kwargs["patch_size"] = patch_size
-        self.vit = timm.create_model(
-            arch,
-            pretrained=False,
-            num_classes=0,
-            img_size=img_size,
-            dynamic_img_size=True,
-            drop_path_rate=drop_path,
-            **kwargs,
-        )
-        if getattr(self.vit, "cls_token", None) is None:
-            raise ValueError(f"{arch}: the STELLAR encoder needs a ViT with a class token")
+        self.vit = create_vit(arch, img_size, patch_size, drop_path, vit_kwargs)
+        if (why := unusable_vit(self.vit)) is not None:
+            raise ValueError(f"{arch}: the STELLAR encoder cannot run it: {why}")
         self.embed_dim = self.vit.embed_dim
         self.patch_size = self.vit.patch_embed.patch_size[0]
         self.num_prefix_tokens = self.vit.num_prefix_tokens

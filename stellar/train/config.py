@@ -4,7 +4,7 @@ A preset holds every hyper-parameter of a run. `key=value` overrides any of
 them by dotted path (model.num_tokens=8, loss.koleo=0, data.global_scale=[0.5,1]);
 values are parsed as YAML. An unknown key is an error, except under the
 open mapping model.vit_kwargs. `validate` checks every value against the schema
-(`schema.py`: type and range of each key) and the settings against each other.
+(`schema.py`: type and range of each key, and the settings against each other).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .schema import ConfigError, all_keys, check_config, defaults
+from .schema import ConfigError, all_keys, check_config
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -37,6 +37,25 @@ RESUME_EXEMPT = (
     "train.tensorboard",
     "train.compile",
 )
+# What a run saved before a key existed did (every key with a schema default was added after
+# the first presets, so each is here): resuming compares its checkpoint's configuration,
+# which lacks the key, with these values. For the four keys of the public recipe they are the
+# earlier recipe, not the schema's defaults (the public recipe's), so that such a run resumes
+# only as it trained (set the key to this value to resume it).
+BEFORE_THE_KEY: dict[str, Any] = {
+    "model.head.normalize_prototypes": True,
+    "model.recon_target": "pixels",
+    "model.vq_checkpoint": None,
+    "loss.recon_vq": 0.05,
+    "loss.sk_eps": 1e-8,  # stellar_kernels.sinkhorn_knopp's default then
+    "loss.views": "pooled",
+    "data.masked_views": "copies",
+    "data.masking": "focal",
+    "data.focal_prob": 0.5,
+    "data.mask_sigma_range": [0.1, 0.5],
+    "train.tensorboard": False,
+    "train.compile": False,
+}
 
 
 def preset_path(name: str) -> Path:
@@ -108,7 +127,12 @@ def apply_overrides(cfg: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
-        set_key(cfg, key.strip(), parse_value(text))
+        try:
+            value = parse_value(text)
+        except yaml.YAMLError as err:
+            problem = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"{key.strip()}: {text!r} is not a YAML value ({problem})") from err
+        set_key(cfg, key.strip(), value)
     return cfg
 
 
@@ -141,7 +165,7 @@ def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
 def differences(old: dict, new: dict, exempt: tuple[str, ...] = RESUME_EXEMPT) -> list[str]:
     """Lines "key: old -> new" for the keys whose values differ (ignoring `exempt`)."""
     a, b = flatten(old), flatten(new)
-    for key, value in defaults().items():  # a key newer than `old` meant its default then
+    for key, value in BEFORE_THE_KEY.items():  # a key newer than `old`: what `old` did
         a.setdefault(key, value)
     lines = []
     for key in sorted(set(a) | set(b)):
@@ -157,33 +181,14 @@ def dump(cfg: dict) -> str:
 
 
 def validate(cfg: dict) -> None:
-    """Checks every value against the schema (widening ints to floats in place) and the
-    settings against each other; ConfigError names the key."""
+    """Checks every value against the schema, and the settings against each other (widening
+    ints to floats in place, a true/false loss weight to the term's default weight or 0);
+    ConfigError names the keys."""
     checked = check_config(cfg)
     cfg.clear()
     cfg.update(checked)
     loss = cfg["loss"]
-    defaults = {"recon": 10.0, "recon_vq": 0.05, "koleo": 0.1}
+    weights = {"recon": 10.0, "recon_vq": 0.05, "koleo": 0.1}
     for name in ("recon", "recon_vq", "cluster", "align", "cls", "koleo"):
         if isinstance(loss[name], bool):  # true/false: the term at its default weight, or off
-            loss[name] = float(loss[name]) * defaults.get(name, 1.0)
-    recon = "recon_vq" if cfg["model"]["recon_target"] == "vq" else "recon"
-    if not any(loss[n] for n in (recon, "cluster", "align", "cls", "koleo")):
-        raise ConfigError(f"every loss term is switched off (loss.{recon} ... loss.koleo all 0)")
-    if cfg["model"]["recon_target"] == "vq" and not cfg["model"]["vq_checkpoint"]:
-        raise ConfigError(
-            "model.recon_target=vq needs the tokenizer: model.vq_checkpoint=FILE (the released "
-            "maskgit-vqgan-imagenet-f16-256.bin)"
-        )
-    train = cfg["train"]
-    if train["warmup_steps"] > train["total_steps"]:
-        raise ConfigError(
-            f"train.warmup_steps ({train['warmup_steps']}) is past train.total_steps "
-            f"({train['total_steps']})"
-        )
-    patch = cfg["model"]["patch_size"]
-    for name in ("global_size", "local_size"):
-        if cfg["data"][name] % patch:
-            raise ConfigError(
-                f"data.{name}: {cfg['data'][name]} is not a multiple of model.patch_size ({patch})"
-            )
+            loss[name] = float(loss[name]) * weights.get(name, 1.0)

@@ -1,9 +1,16 @@
-"""The configuration's schema: every key of a run, its type and its range, as dataclasses.
+"""The configuration's schema: every key of a run, its type and its range, as dataclasses,
+and the rules between keys.
 
 A preset, a YAML file and every `key=value` override are checked against it before
-anything is built: one `ConfigError` names the key, the value and what is allowed. The
-configuration itself stays a plain dict (what the presets, checkpoints and the model
-read); `check_config` returns a copy with ints widened to floats where a float is due.
+anything is built: one `ConfigError` names the key, the value and what is allowed, or the
+keys that do not fit together (`RULES`, and timm's ViT built from model.arch and
+model.vit_kwargs on the meta device). A configuration the schema accepts builds a model and
+trains. The configuration itself stays a plain dict (what the presets, checkpoints and the
+model read); `check_config` returns a copy with ints widened to floats where a float is due.
+
+A key with a default may be left out; every default is the value of every preset (the
+public code's recipe). A run saved before a key existed did what `config.BEFORE_THE_KEY`
+says, which for four keys is the earlier recipe, not the default.
 """
 
 from __future__ import annotations
@@ -14,11 +21,14 @@ import functools
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal, NamedTuple, Union
+
+from stellar_kernels.localization import MAX_TRITON_K
 
 from ..cli import DEVICE_HELP, is_device_name
-from ..errors import ConfigError
+from ..errors import ConfigError, reason
 
 # A field's range: (test, words for the message).
 POSITIVE = (lambda v: v > 0, "> 0")
@@ -70,7 +80,7 @@ class HeadConfig:
     bottleneck_dim: int = key(range=AT_LEAST_ONE)
     num_prototypes: int = key(range=AT_LEAST_ONE)
     # false: plain prototypes, as the public code (sharper logits); true: cosine logits
-    normalize_prototypes: bool = key(True)
+    normalize_prototypes: bool = key(False)
 
 
 @dataclass(kw_only=True)
@@ -120,7 +130,7 @@ class LossConfig:
     match_rounding: Literal["argmax", "permutation", "hungarian"] = key()
     # per_group: the CLS term sums the means over the global view, the masked views and the
     # local crops, KoLeo sums global and masked (the public code); pooled: one mean over all
-    views: Literal["per_group", "pooled"] = key("pooled")
+    views: Literal["per_group", "pooled"] = key("per_group")
 
 
 @dataclass(kw_only=True)
@@ -137,11 +147,11 @@ class DataConfig:
     mask_ratio: float = key(range=FRACTION)
     # crops: each masked view its own global-scale crop (the public code); copies: masked
     # copies of the first global view
-    masked_views: Literal["crops", "copies"] = key("copies")
+    masked_views: Literal["crops", "copies"] = key("crops")
     # mixed: random masks, a share data.focal_prob of them biased towards a random centre
     # with sigma drawn from data.mask_sigma_range (the public code); focal: every view
     # Gaussian-focal with sigma data.mask_sigma
-    masking: Literal["mixed", "focal"] = key("focal")
+    masking: Literal["mixed", "focal"] = key("mixed")
     focal_prob: float = key(0.5, range=PROBABILITY)
     mask_sigma_range: Pair = key([0.1, 0.5], range=ORDERED_POSITIVE)
     mask_sigma: float = key(range=POSITIVE)
@@ -324,8 +334,191 @@ def _check_section(schema: type, values: Any, prefix: str) -> dict:
 
 
 def check_config(cfg: Any) -> dict:
-    """A checked copy of `cfg`; ConfigError naming the first key that does not fit."""
-    return _check_section(Config, cfg, "")
+    """A checked copy of `cfg`; ConfigError naming the first key that does not fit, alone
+    or with the others (`RULES`, then the encoder's timm ViT)."""
+    checked = _check_section(Config, cfg, "")
+    check_rules(checked)
+    check_vit(checked["model"])
+    return checked
+
+
+# ----------------------------------------------------------------------------- between keys
+
+
+class Rule(NamedTuple):
+    """Values of `keys` that fit together when `holds(*values)`; otherwise the message is
+    `says` with {0}, {1}, ... each replaced by "key (value)", and `why` after a colon."""
+
+    keys: tuple[str, ...]
+    holds: Callable[..., bool]
+    says: str
+    why: str
+
+
+def _weight(value: float | bool) -> bool:
+    return bool(value)  # true/false switch a term on at its default weight, or off
+
+
+# Each rule names the key to change first. Every limit here is one the model or the
+# training step would otherwise meet as an exception deep inside (timm's attention, the
+# decoder's position encoding, the encoder's patch grid, KoLeo, the Triton kernels).
+RULES: tuple[Rule, ...] = (
+    Rule(
+        ("model.decoder.num_heads", "model.decoder.dim"),
+        lambda heads, dim: dim % heads == 0,
+        "{0} does not divide {1}",
+        "each attention head takes dim / num_heads channels",
+    ),
+    Rule(
+        ("model.decoder.dim",),
+        lambda dim: dim % 2 == 0,
+        "{0} is odd",
+        "the decoder's Fourier position encoding has a sine and a cosine per frequency",
+    ),
+    Rule(
+        ("model.img_size", "model.patch_size"),
+        lambda size, patch: size % patch == 0,
+        "{0} is not a multiple of {1}",
+        "the encoder cuts an image into whole patches (evaluation encodes at model.img_size)",
+    ),
+    Rule(
+        ("data.global_size", "model.patch_size"),
+        lambda size, patch: size % patch == 0,
+        "{0} is not a multiple of {1}",
+        "the encoder cuts a view into whole patches",
+    ),
+    Rule(
+        ("data.local_size", "model.patch_size"),
+        lambda size, patch: size % patch == 0,
+        "{0} is not a multiple of {1}",
+        "the encoder cuts a view into whole patches",
+    ),
+    Rule(
+        ("data.num_masked_views", "loss.align"),
+        lambda views, align: views >= 1 or not _weight(align),
+        "{0} leaves {1} nothing to align",
+        "the alignment term matches the masked views' tokens; set loss.align=0 or "
+        "data.num_masked_views >= 1",
+    ),
+    Rule(
+        ("model.num_tokens", "loss.koleo"),
+        lambda k, koleo: k >= 2 or not _weight(koleo),
+        "{0} is too few for {1}",
+        "KoLeo spreads each image's tokens by their nearest neighbour, so it needs 2 or "
+        "more; set loss.koleo=0 or model.num_tokens >= 2",
+    ),
+    Rule(
+        ("model.num_tokens", "kernels"),
+        lambda k, kernels: kernels != "triton" or k <= MAX_TRITON_K,
+        "{0} is more than {1} takes",
+        f"the Triton factorize kernel takes K <= {MAX_TRITON_K} tokens; leave kernels null "
+        "(the PyTorch path serves larger K) or set kernels=torch",
+    ),
+    Rule(
+        ("model.vq_checkpoint", "model.recon_target"),
+        lambda path, target: target != "vq" or bool(path),
+        "{0} names no file, and {1} needs one",
+        "the tokenizer's, the released maskgit-vqgan-imagenet-f16-256.bin",
+    ),
+    Rule(
+        (
+            "model.recon_target",
+            *(f"loss.{t}" for t in ("recon", "cluster", "align", "cls", "koleo")),
+        ),
+        lambda target, *weights: target == "vq" or any(map(_weight, weights)),
+        "every loss term is switched off: {1}, {2}, {3}, {4}, {5}",
+        "nothing to train",
+    ),
+    Rule(
+        (
+            "model.recon_target",
+            *(f"loss.{t}" for t in ("recon_vq", "cluster", "align", "cls", "koleo")),
+        ),
+        lambda target, *weights: target != "vq" or any(map(_weight, weights)),
+        "every loss term is switched off: {1}, {2}, {3}, {4}, {5} with {0}",
+        "nothing to train",
+    ),
+    Rule(
+        ("train.warmup_steps", "train.total_steps"),
+        lambda warmup, total: warmup <= total,
+        "{0} is past {1}",
+        "the learning-rate schedule warms up within the run",
+    ),
+)
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def check_rules(cfg: dict, rules: tuple[Rule, ...] = RULES) -> None:
+    """ConfigError naming the keys of the first rule that a checked configuration breaks."""
+    for rule in rules:
+        values = [_get(cfg, k) for k in rule.keys]
+        if not rule.holds(*values):
+            named = [f"{k} ({v!r})" for k, v in zip(rule.keys, values)]
+            raise ConfigError(f"{rule.says.format(*named)}: {rule.why}")
+
+
+def check_vit(model: dict) -> None:
+    """ConfigError naming model.arch and model.vit_kwargs when timm cannot build the encoder's
+    ViT from them, or builds one the encoder cannot run."""
+    kwargs = model["vit_kwargs"]
+    for name in kwargs:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ConfigError(
+                f"model.vit_kwargs: {name!r} is not an argument name (in YAML a colon needs a "
+                "space after it: {depth: 4})"
+            )
+    from ..models.encoder import RESERVED_VIT_KWARGS
+
+    for name in kwargs:
+        if name in RESERVED_VIT_KWARGS:
+            where = RESERVED_VIT_KWARGS[name]
+            how = f"set it with {where}" if where else "the encoder sets it"
+            raise ConfigError(f"model.vit_kwargs: {name!r} is not allowed there ({how})")
+    args = (model["arch"], model["img_size"], model["patch_size"], model["drop_path"], kwargs)
+    # A configuration is checked more than once per run (load_config, run_training).
+    if repr(args) not in _VIT_CHECKS:
+        _VIT_CHECKS[repr(args)] = _vit_problem(*args)
+    problem, cause = _VIT_CHECKS[repr(args)]
+    if problem is not None:
+        raise ConfigError(
+            f"model.arch ({model['arch']!r}) with model.vit_kwargs ({kwargs!r}) does not give "
+            f"an encoder: {problem}"
+        ) from cause
+
+
+_VIT_CHECKS: dict[str, tuple[str | None, Exception | None]] = {}
+
+
+def _vit_problem(
+    arch: str, img_size: int, patch_size: int, drop_path: float, vit_kwargs: dict
+) -> tuple[str | None, Exception | None]:
+    """(why the encoder cannot have this ViT, timm's exception), or (None, None)."""
+    import torch
+
+    from ..models.encoder import create_vit, unusable_vit
+
+    args = (arch, img_size, patch_size, drop_path, vit_kwargs)
+    try:
+        # The meta device allocates and initializes nothing: a ViT-H takes a fraction of a second.
+        with torch.device("meta"):
+            vit = create_vit(*args)
+    except RuntimeError:
+        # Some timm versions read values of tensors while building (the drop-path rates), which
+        # the meta device refuses with a RuntimeError: the CPU decides. (timm's own checks of
+        # its arguments raise AssertionError, TypeError or ValueError.)
+        try:
+            vit = create_vit(*args)
+        except Exception as err:  # timm refusing the user's architecture or its arguments
+            return f"timm: {reason(err)}", err
+    except Exception as err:
+        return f"timm: {reason(err)}", err
+    return unusable_vit(vit), None
 
 
 def describe_key(dotted: str) -> str:

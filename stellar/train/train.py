@@ -28,7 +28,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from ..cli import DEVICE_HELP, HelpFormatter, resolve_device, run_command
+from ..cli import (
+    DEVICE_HELP,
+    HelpFormatter,
+    check_kernels_environment,
+    resolve_device,
+    run_command,
+)
 from ..data import build_loader
 from ..data.loader import derive_seed
 from ..errors import CheckpointError, ConfigError, reason
@@ -78,6 +84,7 @@ def distributed_env() -> tuple[int, int, int]:
 
 
 def check_kernels(kernels: str | None, device: torch.device) -> None:
+    check_kernels_environment()
     if (
         kernels == "triton"
         and device.type != "cuda"
