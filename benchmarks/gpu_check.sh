@@ -162,6 +162,10 @@ if [ "$dry" = 1 ]; then
 else
   if [ "$part" != extra ]; then
     install_anchors
+    # Every gpu-marked test under tests/, among them the checks that need a GPU for the
+    # launch path and the tuner: tests/test_launch.py (every kernel of the package, bound
+    # launches bitwise equal to JITFunction.run's) and tests/test_tuning.py (tuning keeps the
+    # allocator's cache and leaves other streams running).
     step gpu-tests timeout 240 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfE \
       --continue-on-collection-errors
     finish_anchors

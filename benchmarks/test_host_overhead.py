@@ -82,7 +82,7 @@ def cases(device: torch.device, quick: bool) -> list[tuple[str, Callable, Callab
 
 
 def measure(name: str, call: Callable, internal: Callable | None, device: torch.device) -> dict:
-    values: dict = {}
+    values: dict = {"bound_launch": launching.bound_launch_reason() or "on"}
     for cache in (True, False):
         launching.LAUNCH_CACHE = cache
         suffix = "" if cache else "_normal_launch"
