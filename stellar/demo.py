@@ -88,7 +88,7 @@ def run_demo(args) -> Path:
     figures = [
         ("Exp. 1: relative change of S and A against the shift (trained vs random init)", eq_plot),
         (
-            "Token spatial maps (argmax partition and each token, thresholded)",
+            "Token spatial maps (argmax partition, and each token where A_k > 2/K)",
             figs_dir / "token_maps.png",
         ),
         (

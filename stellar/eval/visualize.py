@@ -3,7 +3,9 @@
 Writes into the output folder:
   token_maps.png       images, their token partition (argmax over K of A) and
                        each token's spatial map A[:, k], thresholded (pixels
-                       under the threshold dimmed)
+                       under the threshold dimmed; by default at twice the
+                       uniform share 1/K, so that each token's region shows
+                       however soft A still is)
   reconstructions.png  originals beside the decoder's reconstructions
   retrieval.png        for tokens of a query image, the gallery images holding
                        the most cosine-similar token, with that token's map
@@ -19,7 +21,22 @@ import torch.nn.functional as F
 
 from .features import batches
 
-DEFAULT_THRESHOLD = 0.5
+RELATIVE_THRESHOLD = 2.0
+"""The default threshold of the token maps, in units of the uniform share 1/K: a patch is
+shown for token k when A_k > 2/K, whatever the sharpness of A (a soft A, early in training,
+leaves almost no patch above an absolute 0.5)."""
+
+
+def token_threshold(threshold: float | None, num_tokens: int) -> float:
+    """The threshold on A_k: `threshold` itself, or RELATIVE_THRESHOLD / K when None."""
+    return RELATIVE_THRESHOLD / num_tokens if threshold is None else threshold
+
+
+def threshold_label(threshold: float | None, num_tokens: int) -> str:
+    value = token_threshold(threshold, num_tokens)
+    if threshold is None:
+        return f"A_k > {RELATIVE_THRESHOLD:g}/K = {value:.3g}, twice the uniform share"
+    return f"A_k > {value:g}"
 
 
 def _plt():
@@ -40,9 +57,14 @@ def token_maps(model, images: torch.Tensor) -> torch.Tensor:
     return F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def token_region(amap: np.ndarray, threshold: float) -> np.ndarray:
+    """Where a token's map passes the threshold: the pixels its panel shows undimmed."""
+    return amap > threshold
+
+
 def _overlay(img: np.ndarray, amap: np.ndarray, threshold: float) -> np.ndarray:
-    """The image where amap >= threshold, dimmed to 25% elsewhere, with a red tint by amap."""
-    keep = (amap >= threshold)[..., None]
+    """The image on the token's region, dimmed to 25% elsewhere, with a red tint by amap."""
+    keep = token_region(amap, threshold)[..., None]
     out = np.where(keep, img, img * 0.25)
     tint = np.zeros_like(img)
     tint[..., 0] = 1.0
@@ -63,10 +85,14 @@ def _first_images(dataset, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plot_token_maps(model, images, path, threshold: float = DEFAULT_THRESHOLD) -> Path:
+def plot_token_maps(model, images, path, threshold: float | None = None) -> Path:
+    """Each token's map over the images, shown where A_k passes `threshold` (default: twice
+    the uniform share, see RELATIVE_THRESHOLD)."""
     plt = _plt()
     maps = token_maps(model, images).cpu().numpy()
     b, k = maps.shape[:2]
+    label = threshold_label(threshold, k)
+    threshold = token_threshold(threshold, k)
     cmap = plt.get_cmap("tab20")
     fig, axes = plt.subplots(b, k + 2, figsize=(1.4 * (k + 2), 1.4 * b), squeeze=False)
     for i in range(b):
@@ -82,7 +108,7 @@ def plot_token_maps(model, images, path, threshold: float = DEFAULT_THRESHOLD) -
     axes[0, 1].set_title("argmax A", fontsize=7)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"token spatial maps A (thresholded at {threshold})", fontsize=8)
+    fig.suptitle(f"token spatial maps A, shown where {label}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -116,7 +142,7 @@ def plot_retrieval(
     path,
     top: int = 5,
     max_gallery: int = 512,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Query: one image (3, H, W); each of its tokens retrieves the `top` gallery images."""
@@ -140,6 +166,7 @@ def plot_retrieval(
             break
     sims_t, owners_t, images_t = torch.cat(sims), torch.cat(owners), torch.cat(images)
     k = q_tokens.shape[0]
+    threshold = token_threshold(threshold, k)
     top = min(top, len(images_t))
     fig, axes = plt.subplots(k, top + 1, figsize=(1.4 * (top + 1), 1.4 * k), squeeze=False)
     qimg = _hwc(query)
@@ -168,7 +195,7 @@ def visualize(
     data,
     output_dir,
     num_images: int = 6,
-    threshold: float = DEFAULT_THRESHOLD,
+    threshold: float | None = None,
     top: int = 5,
     max_gallery: int = 512,
     progress: bool = True,
@@ -191,7 +218,13 @@ def visualize(
             progress,
         ),
     ]
-    return {"files": [str(f) for f in files], "threshold": threshold, "num_images": len(images)}
+    k = model.encode(images[:1])["spatial"].shape[-1]
+    return {
+        "files": [str(f) for f in files],
+        "threshold": token_threshold(threshold, k),
+        "threshold_rule": threshold_label(threshold, k),
+        "num_images": len(images),
+    }
 
 
 def line_plot(path, x, series: dict, xlabel: str, ylabel: str, title: str, styles=None) -> Path:
