@@ -179,7 +179,7 @@ KEYS = {
     "equivariance": {"shifts", "semantic_change", "spatial_change"},
     "robustness": {"scales", "cosine_distance"},
     "localization": {"miou", "a_max_mean", "a_max_above_half"},
-    "segmentation": {"miou", "miou_lowrank", "iou_per_class", "iou_per_class_lowrank"},
+    "segmentation": {"miou", "miou_lowrank", "iou_per_class", "iou_per_class_lowrank", "protocol"},
     "visualize": {"files"},
 }
 

@@ -9,9 +9,14 @@ files are skipped (one warning each) and left out of the features.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +25,8 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
+
+T = TypeVar("T")
 
 EVAL_SCENE_SEED = 1000  # the training renders scenes with the config's seed (0 by default)
 FEATURE_TYPES = ("sparse", "cls", "dense", "concat")
@@ -270,3 +277,97 @@ def extract_splits(
     va = extract(model, data.val, (kind,), batch_size, "val features", progress)
     n_cls = max(len(data.classes), int(max(tr["labels"].max(), va["labels"].max())) + 1)
     return tr, va, n_cls
+
+
+# ---------------------------------------------------------------------------- paper protocol
+
+# The public code's probes (configs/eval_cls.yaml, configs/eval_seg.yaml) train with batches
+# of 2048 images under its trainer's gradient_clip_val 5.0 and bf16-mixed precision
+# (configs/trainer/stellar_trainer.yaml).
+PAPER_BATCH = 2048
+PAPER_CLIP = 5.0
+
+
+def bf16_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (the public trainer's bf16-mixed); float32 elsewhere, where
+    bf16 matmuls are slow or missing."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class ProbeBatch:
+    """A probe's batch: `size` images per optimizer step, encoded by the frozen model in
+    passes of `pass_size` images.
+
+    The frozen encoder needs no gradients, so splitting a step's images into passes gives
+    the same features as one pass: the step keeps the public code's batch while the memory
+    goes with the pass. Where CUDA still runs out of memory, `shrink` halves the pass, then
+    the batch, and the batch used is what the result states."""
+
+    def __init__(self, wanted: int, num_items: int, pass_size: int) -> None:
+        self.wanted = int(wanted)
+        self.size = self.planned = max(1, min(self.wanted, int(num_items)))
+        self.pass_size = max(1, min(int(pass_size), self.size))
+
+    def shrink(self) -> bool:
+        """Halves the pass, else the batch; False when both are one image already."""
+        if self.pass_size > 1:
+            self.pass_size //= 2
+        elif self.size > 1:
+            self.size //= 2
+        else:
+            return False
+        return True
+
+    def retry(self, fn: Callable[[], T]) -> T:
+        """fn(), run again with a smaller pass or batch for as long as CUDA runs out of memory
+        (fn reads `size` and `pass_size` anew on every call)."""
+        while True:
+            try:
+                return fn()
+            except torch.cuda.OutOfMemoryError:
+                if not self.shrink():
+                    raise
+                torch.cuda.empty_cache()
+
+    def describe(self) -> dict:
+        """What the result states about the batch."""
+        res: dict = {"batch_size": self.size, "encoder_pass": self.pass_size}
+        if self.size < self.planned:
+            res["batch_note"] = f"{self.wanted} wanted; {self.size} fit in CUDA memory"
+        elif self.size < self.wanted:
+            res["batch_note"] = f"{self.wanted} wanted; {self.size}, the training images"
+        return res
+
+
+@torch.no_grad()
+def encode_in_passes(
+    model,
+    images: torch.Tensor,
+    pass_size: int,
+    select: Callable[[dict], dict[str, torch.Tensor]],
+) -> dict[str, torch.Tensor]:
+    """select(model.encode(...)) of images (B, 3, H, W), computed in passes of `pass_size`
+    images under `bf16_autocast`: each tensor concatenated over the passes, as float32 on
+    the model's device."""
+    device = next(model.parameters()).device
+    parts: dict[str, list] = {}
+    for start in range(0, len(images), pass_size):
+        with bf16_autocast(device):
+            out = select(model.encode(images[start : start + pass_size].to(device)))
+        for key, value in out.items():
+            parts.setdefault(key, []).append(value.float())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def load_items(dataset: Dataset, indices: list[int], pool: Executor | None = None) -> list:
+    """dataset[i] for i in indices; in `pool`'s threads when given (decoding and resizing with
+    PIL release the GIL, so a probe that reads new views every step is not held up by it)."""
+    if pool is None:
+        return [dataset[i] for i in indices]
+    return list(pool.map(dataset.__getitem__, indices))
+
+
+def loader_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))

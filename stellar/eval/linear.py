@@ -8,6 +8,8 @@ that rate and scored on the evaluation split.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import torch
 from PIL import Image
@@ -15,6 +17,7 @@ from torch import nn
 
 from ..data.augment import crop_view
 from ..data.loader import derive_seed
+from .features import PAPER_BATCH
 
 DEFAULT_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
@@ -166,48 +169,92 @@ def evaluate_linear_augmented(
     epochs: int = AUGMENT_EPOCHS,
     seed: int = 0,
     progress: bool = True,
+    probe_batch: int = PAPER_BATCH,
 ) -> dict:
     """The public code's linear probe: LayerNorm + Linear on the frozen model's pooled
     `features`, AdamW (lr, weight decay 1e-4, no schedule), trained on augmented views drawn
-    anew every epoch (`AugmentedViews`), scored on centre crops of the evaluation split."""
+    anew every epoch (`AugmentedViews`), scored on centre crops of the evaluation split.
+
+    As its trainer: `probe_batch` images per step (2048, or the training images where fewer,
+    or less where CUDA runs out of memory: see `ProbeBatch`), the gradient norm clipped to 5,
+    bf16 autocast on CUDA. `batch_size` is the images per forward pass of the frozen model."""
     from tqdm import tqdm
 
-    from .features import collate, extract, pool_features
+    from .features import (
+        PAPER_CLIP,
+        ProbeBatch,
+        bf16_autocast,
+        collate,
+        encode_in_passes,
+        extract,
+        load_items,
+        loader_pool,
+        pool_features,
+    )
 
+    device = next(model.parameters()).device
     size = data.train.size
     train = AugmentedViews(data.train, size, train=True, seed=seed)
-    val = extract(
-        model, AugmentedViews(data.val, size, False), (features,), batch_size, "val", progress
-    )
+    fit = ProbeBatch(probe_batch, len(train), batch_size)
+    with bf16_autocast(device):
+        val = fit.retry(
+            lambda: extract(
+                model,
+                AugmentedViews(data.val, size, False),
+                (features,),
+                fit.pass_size,
+                "val",
+                progress,
+            )
+        )
     num_classes = max(len(data.classes), int(val["labels"].max()) + 1)
-    device = next(model.parameters()).device
     dim = val[features].shape[1]
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
-    probe = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes))
+    probe = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, num_classes)).to(device)
     torch.random.set_rng_state(torch_state)
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(seed)
-    for epoch in tqdm(range(epochs), desc="augmented probe", leave=False, disable=not progress):
-        train.epoch = epoch
-        order = torch.randperm(len(train), generator=gen).tolist()
-        for start in range(0, len(order), batch_size):
-            batch = collate([train[i] for i in order[start : start + batch_size]])
-            if batch is None:
-                continue
-            with torch.no_grad():
-                x = pool_features(model.encode(batch["image"].to(device)), features).float().cpu()
-            loss = loss_fn(probe(x), batch["label"].long())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+    def step(order: list[int], pos: int, pool) -> int:
+        """One optimizer step on the images from order[pos]; how many it took (`fit.size`
+        is read here, so that a retry after running out of memory takes fewer)."""
+        indices = order[pos : pos + fit.size]
+        batch = collate(load_items(train, indices, pool))
+        if batch is None:  # every image of the batch unreadable
+            return len(indices)
+        x = encode_in_passes(
+            model, batch["image"], fit.pass_size, lambda out: {"x": pool_features(out, features)}
+        )["x"]
+        with bf16_autocast(device):
+            logits = probe(x)
+        loss = loss_fn(logits.float(), batch["label"].long().to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(probe.parameters(), PAPER_CLIP)
+        opt.step()
+        return len(indices)
+
+    with loader_pool() as pool:
+        for epoch in tqdm(range(epochs), desc="augmented probe", leave=False, disable=not progress):
+            train.epoch = epoch
+            order = torch.randperm(len(train), generator=gen).tolist()
+            pos = 0
+            while pos < len(order):
+                pos += fit.retry(partial(step, order, pos, pool))
     probe.eval()
+    with torch.no_grad(), bf16_autocast(device):
+        pred = probe(val[features].to(device)).argmax(1).cpu()
     return {
-        "top1": accuracy(probe, val[features], val["labels"]),
+        "top1": 100.0 * (pred == val["labels"]).float().mean().item(),
         "lr": float(lr),
         "epochs": int(epochs),
-        "protocol": "augmented views every epoch (random resized crop 0.2-1 + flip)",
+        "protocol": "augmented views every epoch (random resized crop 0.2-1 + flip), "
+        f"batch {fit.size}, gradient clipping {PAPER_CLIP:g}",
+        **fit.describe(),
+        "grad_clip": PAPER_CLIP,
+        "autocast": "bf16" if device.type == "cuda" else "none",
         "features": features,
         "num_train": len(train),
         "num_val": int(len(val["labels"])),
