@@ -241,6 +241,39 @@ def test_photometric_range_determinism_and_identity():
     torch.testing.assert_close(gray[:, 2], ref)
 
 
+def test_a_batch_draw_changes_every_image_alike():
+    """draw="batch": one jitter, greyscale and blur draw for all the images (the released
+    code's transforms on a stacked tensor); draw="image": each image its own."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 16).expand(8, -1, -1, -1).contiguous()
+    for seed in range(4):
+        out = photometric(x, torch.Generator().manual_seed(seed), hue=0.5, draw="batch")
+        assert all(torch.equal(out[0], out[i]) for i in range(8)), seed
+    out = photometric(x, torch.Generator().manual_seed(0), hue=0.5, draw="image")
+    assert not all(torch.equal(out[0], out[i]) for i in range(8))
+    # Distinct images: greyscale for all of them or for none.
+    x = torch.rand(8, 3, 16, 16)
+    grey = []
+    for seed in range(12):
+        g = torch.Generator().manual_seed(seed)
+        out = photometric(x, g, jitter_prob=0, grayscale_prob=0.5, blur_prob=0, draw="batch")
+        flat = [bool(torch.equal(out[i, 0], out[i, 1])) for i in range(8)]
+        assert len(set(flat)) == 1, (seed, flat)
+        grey.append(flat[0])
+    assert any(grey) and not all(grey)
+
+
+def test_blur_sigma_in_pixels_at_every_size_unless_scaled():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    only_blur = dict(jitter_prob=0, grayscale_prob=0, blur_prob=1, blur_sigma=(1.5, 1.5))
+    g = torch.Generator
+    unscaled = photometric(x, g().manual_seed(0), blur_sigma_scaled=False, **only_blur)
+    torch.testing.assert_close(unscaled, gaussian_blur(x, torch.full((2,), 1.5)))
+    scaled = photometric(x, g().manual_seed(0), **only_blur)
+    torch.testing.assert_close(scaled, gaussian_blur(x, torch.full((2,), 1.5 * 32 / 224)))
+
+
 def test_hue_rotation_keeps_luma_and_turns_full_circle():
     from stellar.data.augment import _rotate_hue
 

@@ -70,7 +70,6 @@ BROKEN = [
     (["data.num_masked_views=0"], ["data.num_masked_views (0)", "loss.align (1.0)"]),
     (["model.num_tokens=1"], ["model.num_tokens (1)", "loss.koleo (0.1)"]),
     (["kernels=triton", "model.num_tokens=65"], ["model.num_tokens (65)", "kernels ('triton')"]),
-    (["model.recon_target=vq"], ["model.vq_checkpoint (None)", "model.recon_target ('vq')"]),
     (
         ["loss.recon=0", "loss.cluster=0", "loss.align=0", "loss.cls=0", "loss.koleo=0"],
         ["every loss term is switched off", "loss.recon (0", "loss.koleo (0"],
@@ -109,7 +108,33 @@ ACCEPTED = [
     ["data.num_masked_views=0", "loss.align=0"],
     ["model.num_tokens=1", "loss.koleo=0"],
     ["model.vit_kwargs={depth: 1, embed_dim: 96, num_heads: 2}", "model.img_size=8"],
+    # a constant rate has no warm-up: train.warmup_steps is not used
+    ["train.lr_schedule=constant", "train.warmup_steps=21"],
 ]
+
+
+def test_the_vq_file_is_needed_to_train_not_to_check_or_print(tmp_path, capsys):
+    """A preset may name the vq target without the tokenizer's local file (base_release):
+    the configuration checks and prints; training stops in one line naming the key."""
+    cfg = load_config("tiny", [*QUICK, "model.recon_target=vq"])
+    assert cfg["model"]["vq_checkpoint"] is None
+    assert main(["--print-config", *QUICK, "model.recon_target=vq"]) == 0
+    assert "recon_target: vq" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["--output-dir", str(out), *QUICK, "model.recon_target=vq"]) == 2
+    line = one_stderr_line(capsys)
+    assert "model.vq_checkpoint=FILE" in line and "model.recon_target is 'vq'" in line
+    assert not out.exists()
+
+
+def test_init_required_stops_a_new_run_without_init_in_one_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--print-config", *QUICK, "init_required=true"]) == 0
+    capsys.readouterr()
+    assert main(["--output-dir", str(out), "--max-steps", "1", *QUICK, "init_required=true"]) == 2
+    line = one_stderr_line(capsys)
+    assert "--init FILE" in line and "init_required is true" in line
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("overrides", ACCEPTED, ids=[" ".join(o) for o in ACCEPTED])
@@ -159,19 +184,37 @@ def test_a_value_that_is_not_yaml_is_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- defaults
 
 
+# The keys where base_release (the released configuration) leaves the schema's defaults,
+# which every other preset keeps (the public recipe, and the paper's reading of issue 27).
+RELEASE_LEAVES_THE_DEFAULT = {
+    "init_required": True,
+    "model.recon_target": "vq",
+    "data.blur_sigma_scaled": False,
+    "data.photometric_draw": "batch",
+    "train.lr_scaling": "none",
+    "train.lr_schedule": "constant",
+    "train.weight_decay_groups": "all",
+}
+
+
 def test_every_default_is_the_value_of_every_preset():
-    """A key left out trains what every preset sets: the public code's recipe."""
+    """A key left out trains what every preset sets: the public code's recipe, with the
+    paper's reading where the released configuration differs (base_release's keys)."""
     keys = schema.defaults()
     assert {
         "data.masked_views",
         "data.masking",
         "model.head.normalize_prototypes",
         "loss.views",
+        *RELEASE_LEAVES_THE_DEFAULT,
     } <= set(keys)
     for name in PRESETS:
         preset = load_preset(name)
         for key, default in keys.items():
-            assert get_key(preset, key) == default, (name, key)
+            if name == "base_release" and key in RELEASE_LEAVES_THE_DEFAULT:
+                assert get_key(preset, key) == RELEASE_LEAVES_THE_DEFAULT[key] != default, key
+            else:
+                assert get_key(preset, key) == default, (name, key)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -179,6 +222,8 @@ def test_a_file_that_leaves_the_defaulted_keys_out_trains_the_preset(tmp_path, n
     full = load_preset(name)
     short = copy.deepcopy(full)
     for key in schema.defaults():
+        if get_key(full, key) != schema.defaults()[key]:
+            continue  # base_release's released values are not the defaults: a file says them
         *parents, last = key.split(".")
         node = short
         for part in parents:
@@ -210,6 +255,42 @@ def test_every_defaulted_key_says_what_runs_from_before_it_did():
     }
     for key, value in earlier.items():
         assert config.BEFORE_THE_KEY[key] == value != schema.defaults()[key]
+    # Before the released configuration's keys, runs trained the paper's reading: the default.
+    for key in RELEASE_LEAVES_THE_DEFAULT:
+        assert config.BEFORE_THE_KEY[key] == schema.defaults()[key], key
+
+
+def test_a_run_from_before_the_release_keys_resumes_only_as_it_trained():
+    """A checkpoint's configuration without the keys of issue 27 trained the paper's reading:
+    resuming it with the defaults is the same run, with the released values another one."""
+    old = load_preset("tiny")
+    for key in RELEASE_LEAVES_THE_DEFAULT:
+        *parents, last = key.split(".")
+        node = old
+        for part in parents:
+            node = node[part]
+        del node[last]
+
+    def checked(*overrides: str) -> dict:
+        cfg = apply_overrides(load_preset("tiny"), list(overrides))
+        validate(cfg)
+        return cfg
+
+    assert differences(old, checked()) == []
+    released = [
+        "data.blur_sigma_scaled=false",
+        "data.photometric_draw=batch",
+        "train.lr_scaling=none",
+        "train.lr_schedule=constant",
+        "train.weight_decay_groups=all",
+    ]
+    assert differences(old, checked(*released)) == [
+        "data.blur_sigma_scaled: True -> False",
+        "data.photometric_draw: 'image' -> 'batch'",
+        "train.lr_scaling: 'batch' -> 'none'",
+        "train.lr_schedule: 'cosine' -> 'constant'",
+        "train.weight_decay_groups: 'exempt' -> 'all'",
+    ]
 
 
 def test_a_run_from_before_the_recipe_keys_resumes_only_as_it_trained(tmp_path, capsys):

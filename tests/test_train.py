@@ -15,7 +15,15 @@ from stellar.testing import MINI_OVERRIDES
 from stellar.train.config import PRESETS, apply_overrides, differences, load_preset, validate
 from stellar.train.schema import ConfigError
 from stellar.train.ssl_meta_arch import StellarSSL
-from stellar.train.train import lr_factor, main
+from stellar.train.train import (
+    load_config,
+    lr_factor,
+    main,
+    param_groups,
+    peak_lr,
+    recipe_notices,
+    run_training,
+)
 
 MINI = MINI_OVERRIDES + ["train.ckpt_every=2"]
 
@@ -107,6 +115,102 @@ def test_lr_schedule_warmup_then_cosine():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0, abs=1e-12)
     assert all(f(i) >= f(i + 1) for i in range(10, 100))
+
+
+def test_a_constant_rate_is_the_base_rate_at_every_step_without_warm_up():
+    cfg = load_preset("tiny")
+    cfg["train"].update(total_steps=100, warmup_steps=10, lr_schedule="constant")
+    for scaling, world, want in (("none", 1, 2e-3), ("none", 16, 2e-3), ("batch", 2, 5e-4)):
+        cfg["train"]["lr_scaling"] = scaling
+        peak = peak_lr(cfg, world)
+        assert peak == pytest.approx(want)  # batch: 2e-3 x (32 x 2) / 256
+        f = lr_factor(cfg, peak)
+        assert [f(i) * peak for i in (0, 1, 9, 10, 55, 99, 100)] == [pytest.approx(want)] * 7
+
+
+def test_the_rate_scales_with_the_global_batch_only_with_lr_scaling_batch():
+    cfg = load_preset("base")
+    assert peak_lr(cfg, 16) == pytest.approx(1.5e-4 * 2048 / 256)
+    cfg["train"]["lr_scaling"] = "none"
+    assert peak_lr(cfg, 16) == pytest.approx(1.5e-4) == peak_lr(cfg, 1)
+
+
+def test_weight_decay_groups_all_decays_every_parameter():
+    from stellar.models import Stellar
+    from stellar.testing import mini_model_kwargs
+
+    model = Stellar.from_config(mini_model_kwargs())
+    trained = {id(p) for p in model.parameters() if p.requires_grad}
+    (one,) = param_groups(model, 0.04, "all")
+    assert one["weight_decay"] == 0.04 and {id(p) for p in one["params"]} == trained
+    decay, exempt = param_groups(model, 0.04, "exempt")
+    assert (decay["weight_decay"], exempt["weight_decay"]) == (0.04, 0.0)
+    assert {id(p) for p in decay["params"] + exempt["params"]} == trained
+    exempted = {id(p) for p in exempt["params"]}
+    for name, p in model.named_parameters():
+        if p.ndim <= 1 or any(k in name for k in ("pos_embed", "cls_token", "latent_queries")):
+            assert id(p) in exempted, name
+    assert id(model.sparse_head.prototypes.weight) in exempted
+
+
+def test_a_run_with_the_released_keys(tmp_path, monkeypatch):
+    """Constant, unscaled rate; one AdamW group decaying every parameter; the photometric
+    changes drawn per batch with unscaled blur."""
+    import stellar.train.ssl_meta_arch as arch
+    from stellar.data import photometric
+
+    calls = []
+
+    def recording(x, generator, **kw):
+        calls.append(kw)
+        return photometric(x, generator, **kw)
+
+    monkeypatch.setattr(arch, "photometric", recording)
+    out = tmp_path / "run"
+    released = [
+        "train.lr_schedule=constant",
+        "train.lr_scaling=none",
+        "train.weight_decay_groups=all",
+        "data.photometric_draw=batch",
+        "data.blur_sigma_scaled=false",
+    ]
+    assert _train(out, *released, max_steps=3) == 0
+    assert [r["lr"] for r in _metrics(out)] == [2e-3] * 3  # the tiny preset's base_lr
+    groups = torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert len(groups) == 1 and groups[0]["weight_decay"] == 0.04
+    assert calls and all(kw["draw"] == "batch" for kw in calls)
+    assert all(kw["blur_sigma_scaled"] is False for kw in calls)
+
+
+def test_the_start_notes_of_a_run_that_leaves_the_papers_recipe():
+    init = ["init=/models/mae_pretrain_vit_base.pth"]
+    vq = ["model.recon_target=vq", "model.vq_checkpoint=/models/vq.bin"]
+    for name in ("base", "large", "huge"):
+        notes = recipe_notices(load_config(name))
+        assert len(notes) == 2, (name, notes)
+        assert "random initialization with an EMA teacher" in notes[0]
+        assert "--init FILE" in notes[0]
+        assert "model.recon_target=vq model.vq_checkpoint=FILE" in notes[1]
+    assert recipe_notices(load_config("base", init + vq)) == []
+    assert recipe_notices(load_config("base", init)) == notes[1:]
+    assert recipe_notices(load_config("base", vq)) == notes[:1]
+    # The random-prior recipe sets its teacher stage: no --init is its choice.
+    assert recipe_notices(load_config("base_random_prior")) == notes[1:]
+    # No checkpoint to expect for the tiny encoder; base_release requires both files.
+    assert recipe_notices(load_config("tiny")) == []
+    assert recipe_notices(load_config("base_release", init + vq)) == []
+
+
+def test_the_start_notes_come_before_the_first_step_and_not_for_tiny(tmp_path, capsys):
+    base_like = ["model.arch=vit_base_patch16_224", "model.vit_kwargs={depth: 1}"]
+    cfg = load_config("tiny", MINI + base_like)
+    run_training(cfg, tmp_path / "base", max_steps=1)
+    err = capsys.readouterr().err
+    assert err.index("random initialization with an EMA teacher") < err.index("done: step 1")
+    assert err.index("model.recon_target=vq model.vq_checkpoint=FILE") < err.index("done")
+    run_training(load_config("tiny", MINI), tmp_path / "tiny", max_steps=1)
+    err = capsys.readouterr().err
+    assert "done: step 1" in err and "note:" not in err
 
 
 # ------------------------------------------------------------------------- a run

@@ -4,15 +4,16 @@ Per image the loader produces two global views (scale 0.36-1.0; the first
 for the student, the second for the EMA teacher) and L local crops (scale
 0.06-0.36), each randomly resized-cropped and flipped, as uint8 tensors.
 On the device, `photometric` applies colour jitter, grayscale and Gaussian
-blur to a batch at once (used on the masked-view copies of the first global
-view, the teacher's view and the local crops). Every random choice comes
-from a generator seeded by (seed, epoch, index) or (seed, step), so a step's
-views do not depend on which worker or run produced them.
+blur to a batch at once (used on the masked views, the teacher's view and the
+local crops), each image its own draw or (draw="batch") one draw for them all.
+Every random choice comes from a generator seeded by (seed, epoch, index) or
+(seed, step), so a step's views do not depend on which worker or run produced them.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import numpy as np
 import torch
@@ -168,27 +169,41 @@ def photometric(
     grayscale_prob: float = 0.2,
     blur_prob: float = 0.5,
     blur_sigma: tuple[float, float] = (0.1, 2.0),
+    blur_sigma_scaled: bool = True,
+    draw: Literal["image", "batch"] = "image",
 ) -> torch.Tensor:
-    """Colour jitter, grayscale and blur of images x (N, 3, H, W) in [0, 1], each image its own draw.
+    """Colour jitter, grayscale and blur of images x (N, 3, H, W) in [0, 1].
 
+    draw="image": each image its own draw; draw="batch": one draw for all N images, as
+    torchvision's transforms give when they run on a stacked tensor (the released code's).
     The random parameters are drawn on the CPU from `generator` (so that the
     result does not depend on the device); blur sigmas are in pixels of a
-    224-pixel image and scale with the view size.
+    224-pixel image and scale with the view size, or with blur_sigma_scaled=False are
+    pixels at every size.
     """
+    if draw not in ("image", "batch"):
+        raise ValueError(f"draw: 'image' or 'batch', got {draw!r}")
     n = x.shape[0]
     g = generator
+    draws = n if draw == "image" else 1
+
+    def rand() -> torch.Tensor:
+        # (n,) values; under draw="batch" one value repeated, so the rest stays per image
+        return torch.rand(draws, generator=g).expand(n)
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return (torch.rand(n, generator=g) * (hi - lo) + lo).to(x.device)
+        return (rand() * (hi - lo) + lo).to(x.device)
 
-    jitter = (torch.rand(n, generator=g) < jitter_prob).to(x.device)
+    jitter = (rand() < jitter_prob).to(x.device)
     b = torch.where(jitter, uniform(1 - brightness, 1 + brightness), 1.0).to(x.dtype)
     c = torch.where(jitter, uniform(1 - contrast, 1 + contrast), 1.0).to(x.dtype)
     s = torch.where(jitter, uniform(1 - saturation, 1 + saturation), 1.0).to(x.dtype)
     h = torch.where(jitter, uniform(-hue, hue), 0.0).to(x.dtype)
-    gray = (torch.rand(n, generator=g) < grayscale_prob).to(x.device)
-    blur = (torch.rand(n, generator=g) < blur_prob).to(x.device)
-    sigma = uniform(*blur_sigma) * (x.shape[-1] / 224.0)
+    gray = (rand() < grayscale_prob).to(x.device)
+    blur = (rand() < blur_prob).to(x.device)
+    sigma = uniform(*blur_sigma)
+    if blur_sigma_scaled:
+        sigma = sigma * (x.shape[-1] / 224.0)
 
     x = (x * b.view(-1, 1, 1, 1)).clamp(0, 1)
     mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)

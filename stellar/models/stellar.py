@@ -25,6 +25,7 @@ from torch import nn
 
 import stellar_kernels as sk
 
+from ..errors import ConfigError
 from ..layers import token_grid
 from .decoder import PixelDecoder
 from .encoder import EncoderOutput, SparseViTEncoder
@@ -156,7 +157,13 @@ class Stellar(nn.Module):
         if self.recon_target != "vq":
             raise ValueError("this model reconstructs pixels; it has no VQ tokenizer")
         if not self._tokenizer:
-            self._tokenizer.append(MaskGITVQGAN.from_file(self.config["vq_checkpoint"]))
+            path = self.config["vq_checkpoint"]
+            if not path:  # a preset may name the vq target without the file (base_release)
+                raise ConfigError(
+                    "model.vq_checkpoint names no file, and the vq target's tokenizer is read "
+                    "from it: model.vq_checkpoint=FILE (maskgit-vqgan-imagenet-f16-256.bin)"
+                )
+            self._tokenizer.append(MaskGITVQGAN.from_file(path))
         return self._tokenizer[0]
 
     def set_tokenizer(self, tokenizer: MaskGITVQGAN) -> None:

@@ -22,12 +22,13 @@ from .schema import ConfigError, all_keys, check_config
 
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
-PRESETS = ("tiny", "base", "large", "huge", "base_random_prior")
+PRESETS = ("tiny", "base", "large", "huge", "base_random_prior", "base_release")
 OPEN_KEYS = ("model.vit_kwargs",)
 # Keys that may differ between a run and its resumption: they do not change the result.
 RESUME_EXEMPT = (
     "kernels",
     "init",
+    "init_required",  # only decides whether a new run may start without init
     "data.num_workers",
     "data.source",
     "train.device",
@@ -55,6 +56,14 @@ BEFORE_THE_KEY: dict[str, Any] = {
     "data.mask_sigma_range": [0.1, 0.5],
     "train.tensorboard": False,
     "train.compile": False,
+    # Issue 27: the released configuration's readings became keys; runs from before them
+    # trained with the paper's reading, which every preset but base_release keeps.
+    "init_required": False,
+    "data.blur_sigma_scaled": True,
+    "data.photometric_draw": "image",
+    "train.lr_scaling": "batch",
+    "train.lr_schedule": "cosine",
+    "train.weight_decay_groups": "exempt",
 }
 
 
@@ -63,7 +72,7 @@ def preset_path(name: str) -> Path:
 
 
 def load_preset(name: str) -> dict:
-    """The configuration of a preset name (tiny, base, large, huge) or of a YAML file path."""
+    """The configuration of a preset name (`PRESETS`) or of a YAML file path."""
     path = Path(name)
     if name in PRESETS:
         path = preset_path(name)

@@ -9,8 +9,11 @@ trains. The configuration itself stays a plain dict (what the presets, checkpoin
 model read); `check_config` returns a copy with ints widened to floats where a float is due.
 
 A key with a default may be left out; every default is the value of every preset (the
-public code's recipe). A run saved before a key existed did what `config.BEFORE_THE_KEY`
-says, which for four keys is the earlier recipe, not the default.
+public code's recipe), except in `base_release`, which sets the released configuration's
+values where the other presets keep the paper's reading (the learning rate's scaling and
+schedule, the decay groups, the photometric draws and the blur's scaling). A run saved
+before a key existed did what `config.BEFORE_THE_KEY` says, which for four keys is the
+earlier recipe, not the default.
 """
 
 from __future__ import annotations
@@ -98,6 +101,8 @@ class ModelConfig:
     # pixels: the decoder predicts each patch's pixels (MSE, loss.recon); vq: its code of a
     # frozen MaskGIT-VQGAN tokenizer read from vq_checkpoint (cross-entropy, loss.recon_vq)
     recon_target: Literal["pixels", "vq"] = key("pixels")
+    # needed when a run with the vq target starts (`train.check_start_files`), not to check
+    # or print the configuration: a preset may name the target without the local file
     vq_checkpoint: str | None = key(None)
 
 
@@ -163,6 +168,13 @@ class DataConfig:
     grayscale_prob: float = key(range=PROBABILITY)
     blur_prob: float = key(range=PROBABILITY)
     blur_sigma: Pair = key(range=ORDERED_POSITIVE)
+    # true: blur_sigma is in pixels of a 224-pixel view and scales with the view's size
+    # (0.04-0.86 px on a 96-pixel crop); false: pixels at every size (the released code)
+    blur_sigma_scaled: bool = key(True)
+    # image: jitter, greyscale and blur drawn for each image; batch: one draw for all the
+    # images of a call (the masked views, the local crops), as the released code's
+    # transforms on a stacked tensor
+    photometric_draw: Literal["image", "batch"] = key("image")
     num_workers: int = key(range=NON_NEGATIVE)
 
 
@@ -173,9 +185,18 @@ class TrainConfig:
     total_steps: int = key(range=AT_LEAST_ONE)
     warmup_steps: int = key(range=NON_NEGATIVE)
     base_lr: float = key(range=POSITIVE)
+    # batch: the rate is base_lr x global batch / lr_batch_ref (MAE's convention, the paper's
+    # "base learning rate"); none: base_lr as it is (the released configuration)
+    lr_scaling: Literal["batch", "none"] = key("batch")
     lr_batch_ref: int = key(range=AT_LEAST_ONE)
+    # cosine: linear warm-up over warmup_steps, then cosine to min_lr; constant: the rate
+    # throughout, warmup_steps and min_lr unused (the released configuration has no scheduler)
+    lr_schedule: Literal["cosine", "constant"] = key("cosine")
     min_lr: float = key(range=NON_NEGATIVE)
     weight_decay: float = key(range=NON_NEGATIVE)
+    # exempt: no decay on 1-D parameters, the position embedding, the CLS token, the latent
+    # queries and the prototypes; all: one group, decay on every parameter (the released code)
+    weight_decay_groups: Literal["exempt", "all"] = key("exempt")
     betas: Pair = key(range=BETAS)
     clip_grad: float = key(range=POSITIVE)
     amp: Literal["bf16", "none"] = key()
@@ -191,6 +212,9 @@ class Config:
     seed: int = key(range=NON_NEGATIVE)
     kernels: Literal["torch", "triton"] | None = key()
     init: str | None = key()
+    # true: a new run stops unless init names a file (the recipe starts the encoder from an
+    # MAE checkpoint); checked when training starts: the configuration prints without the file
+    init_required: bool = key(False)
     model: ModelConfig = key()
     teacher: TeacherConfig = key()
     loss: LossConfig = key()
@@ -415,12 +439,6 @@ RULES: tuple[Rule, ...] = (
         "(the PyTorch path serves larger K) or set kernels=torch",
     ),
     Rule(
-        ("model.vq_checkpoint", "model.recon_target"),
-        lambda path, target: target != "vq" or bool(path),
-        "{0} names no file, and {1} needs one",
-        "the tokenizer's, the released maskgit-vqgan-imagenet-f16-256.bin",
-    ),
-    Rule(
         (
             "model.recon_target",
             *(f"loss.{t}" for t in ("recon", "cluster", "align", "cls", "koleo")),
@@ -439,8 +457,8 @@ RULES: tuple[Rule, ...] = (
         "nothing to train",
     ),
     Rule(
-        ("train.warmup_steps", "train.total_steps"),
-        lambda warmup, total: warmup <= total,
+        ("train.warmup_steps", "train.total_steps", "train.lr_schedule"),
+        lambda warmup, total, schedule: schedule == "constant" or warmup <= total,
         "{0} is past {1}",
         "the learning-rate schedule warms up within the run",
     ),

@@ -21,7 +21,9 @@ One forward pass on a batch of multi-crop views computes (paper eq. 12-13):
 
 Colour jitter, grayscale and blur (`photometric`) change the masked views,
 the teacher's view and the local crops, as in the public code; the student's
-first global view stays clean, since the decoder reconstructs it.
+first global view stays clean, since the decoder reconstructs it. Each image
+has its own draw, or with data.photometric_draw=batch each of the three groups
+one draw for all its images (the public code's transforms on a stacked tensor).
 
 Targets: with an EMA teacher (random prior) the teacher encodes the second
 global view; without one (MAE prior) they are the student's own first global
@@ -233,6 +235,9 @@ class StellarSSL(nn.Module):
         # Draws in a fixed order, the optional local crops last, so that switching a term
         # off leaves the random changes of the others as they were.
         jitter = {k: dc[k] for k in PHOTOMETRIC_KEYS}
+        # Runs from before these keys drew per image and scaled the blur (config.BEFORE_THE_KEY).
+        jitter["blur_sigma_scaled"] = dc.get("blur_sigma_scaled", True)
+        jitter["draw"] = dc.get("photometric_draw", "image")
         targets_needed = w["cluster"] or w["align"] or w["cls"]
         if teacher is not None and targets_needed:
             x2 = photometric(x2, generator, **jitter)

@@ -21,6 +21,7 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -98,13 +99,21 @@ def check_kernels(kernels: str | None, device: torch.device) -> None:
 
 
 def peak_lr(cfg: dict, world_size: int) -> float:
+    """The learning rate after the warm-up: train.base_lr, times the global batch over
+    train.lr_batch_ref with train.lr_scaling=batch (MAE's convention for a "base" rate)."""
     t = cfg["train"]
+    if t.get("lr_scaling", "batch") == "none":
+        return t["base_lr"]
     return t["base_lr"] * t["batch_size"] * world_size / t["lr_batch_ref"]
 
 
-def lr_factor(cfg: dict, peak: float):
-    """LambdaLR factor after `done` steps: linear warm-up, then cosine to train.min_lr."""
+def lr_factor(cfg: dict, peak: float) -> Callable[[int], float]:
+    """LambdaLR factor after `done` steps: linear warm-up, then cosine to train.min_lr; with
+    train.lr_schedule=constant, 1 at every step (no warm-up, as the released configuration,
+    which names no scheduler)."""
     t = cfg["train"]
+    if t.get("lr_schedule", "cosine") == "constant":
+        return lambda done: 1.0
     total, warmup = t["total_steps"], t["warmup_steps"]
     floor = min(1.0, t["min_lr"] / peak) if peak > 0 else 0.0
 
@@ -117,7 +126,13 @@ def lr_factor(cfg: dict, peak: float):
     return factor
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float, groups: str = "exempt") -> list[dict]:
+    """AdamW's parameter groups. "exempt": no decay on 1-D parameters (biases, norms) and on
+    `NO_DECAY_NAMES`; "all": one group, decay on every parameter (the released code passes
+    the model's parameters to AdamW as they are)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if groups == "all":
+        return [{"params": trained, "weight_decay": weight_decay}]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -130,6 +145,58 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+# The timm encoders for which MAE released checkpoints (mae_pretrain_vit_{base,large,huge}.pth):
+# the paper starts them from one, so starting them from random weights deserves a word.
+MAE_ARCHS = ("vit_base_patch16", "vit_large_patch16", "vit_huge_patch14")
+
+
+def check_start_files(cfg: dict, resume: bool) -> None:
+    """ConfigError in one line when a run cannot start for want of a file the configuration
+    needs: the MAE checkpoint of `init_required` (a new run only: a resumed one has its
+    weights) and the tokenizer of model.recon_target=vq. Checked here, not by the schema, so
+    that a preset that names them prints (--print-config) without the files."""
+    missing = []
+    if cfg.get("init_required") and not cfg.get("init") and not resume:
+        missing.append(
+            "--init FILE (init_required is true: the recipe starts the encoder from an MAE "
+            "checkpoint, e.g. mae_pretrain_vit_base.pth)"
+        )
+    model = cfg["model"]
+    if model.get("recon_target") == "vq" and not model.get("vq_checkpoint"):
+        missing.append(
+            "model.vq_checkpoint=FILE (model.recon_target is 'vq': the tokenizer's file, the "
+            "released maskgit-vqgan-imagenet-f16-256.bin)"
+        )
+    if missing:
+        raise ConfigError("training needs " + " and ".join(missing))
+
+
+def recipe_notices(cfg: dict) -> list[str]:
+    """Lines said before the first step of a new run whose encoder is one MAE released a
+    checkpoint for (ViT-B/16, L/16, H/14) where the run leaves the paper's main recipe
+    without saying so in its configuration: no --init (outside the random-prior recipe, which
+    sets teacher.ema_steps), and the pixel target. The tiny preset has no checkpoint to
+    expect, and base_release requires both files."""
+    if not str(cfg["model"]["arch"]).startswith(MAE_ARCHS):
+        return []
+    lines = []
+    if not cfg.get("init") and cfg["teacher"].get("ema_steps") is None:
+        if teacher_mode(cfg) == "ema":
+            how = "with an EMA teacher for the whole run"
+        else:
+            how = "with the student's own targets (teacher.mode=none)"
+        lines.append(
+            f"note: the encoder starts from random initialization {how}; the paper's "
+            "recipe starts it from an MAE checkpoint: --init FILE"
+        )
+    if cfg["model"].get("recon_target", "pixels") == "pixels" and cfg["loss"]["recon"]:
+        lines.append(
+            "note: the decoder reconstructs pixels (MSE); the paper's main recipe predicts "
+            "MaskGIT-VQGAN codes: model.recon_target=vq model.vq_checkpoint=FILE"
+        )
+    return lines
 
 
 def device_batch(batch: dict, device: torch.device) -> dict:
@@ -267,6 +334,7 @@ def run_training(
             )
         if ckpt.get("world_size", world) != world and say:
             say(f"warning: resuming a {ckpt['world_size']}-process run with {world} processes")
+    check_start_files(cfg, resume)
     seed = int(cfg["seed"])
     seed_everything(seed)  # same initial weights on every rank
     ssl = StellarSSL(cfg)
@@ -275,6 +343,9 @@ def run_training(
         ssl.reset_teacher()
         if say:
             say(f"initialized the encoder's ViT from {cfg['init']}")
+    if say and not resume:
+        for line in recipe_notices(cfg):
+            say(line)
     ssl.to(device)
     if cfg["train"].get("compile"):
         names = ssl.compile_models()
@@ -282,9 +353,8 @@ def run_training(
             say(f"torch.compile: {', '.join(names)} (compiled on the first steps)")
     peak = peak_lr(cfg, world)
     t = cfg["train"]
-    optimizer = torch.optim.AdamW(
-        param_groups(ssl.student, t["weight_decay"]), lr=peak, betas=tuple(t["betas"])
-    )
+    groups = param_groups(ssl.student, t["weight_decay"], t.get("weight_decay_groups", "exempt"))
+    optimizer = torch.optim.AdamW(groups, lr=peak, betas=tuple(t["betas"]))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, peak))
     step = 0
     if ckpt is not None:
