@@ -160,8 +160,9 @@ class BoundLaunch:
     the current stream and Triton's launch hooks, so profilers still see each launch).
 
     A configuration is what selects the binary: the device, Triton's debug and
-    instrumentation switches, every constexpr's value (passed by position or by keyword),
-    every launch option, and what Triton specializes each runtime argument on (`_spec`).
+    instrumentation switches (and, from 3.9, fpsan_homomorphic_casts), every constexpr's
+    value (passed by position or by keyword), every launch option, and what Triton
+    specializes each runtime argument on (`_spec`).
     Triton's own path runs every call where `bound_launch_reason` names a reason (Triton
     outside TESTED_TRITON, the interpreter, STELLAR_KERNELS_LAUNCH_CACHE=0), while the
     kernel has pre-run hooks or a stage-inspection hook is set (they run only there), for a
@@ -209,6 +210,8 @@ class BoundLaunch:
                 fn.debug,
                 _knobs.runtime.debug,
                 _knobs.compilation.instrumentation_mode,
+                # Triton 3.9's JITFunction.run passes this switch to the compiler too.
+                getattr(_knobs.compilation, "fpsan_homomorphic_casts", None),
                 *self.key(args, meta),
             )
             entry = self.bound.get(key)

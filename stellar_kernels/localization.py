@@ -176,7 +176,10 @@ def _factorize_fwd_kernel(
     tl.store(spatial_ptr + nk, spatial, mask=nkmask)
     tl.store(cos_ptr + nk, cos, mask=nkmask)
     tl.store(rnorm_ptr + b * N + rows, r_raw, mask=rmask)
-    tl.store(snorm_ptr + b * K + ks, q_raw, mask=kmask & (blk == 0))
+    # Conditions on a scalar are `if`s, not mask terms: Triton 3.9's interpreter rejects a
+    # scalar comparison broadcast into a mask (its int1 splat is not boolean).
+    if blk == 0:
+        tl.store(snorm_ptr + b * K + ks, q_raw, mask=kmask)
 
     # lowrank = spatial @ values with spatial rounded to the input dtype, as the reference
     # (D = 0 without values).
@@ -269,11 +272,13 @@ def _factorize_bwd_kernel(
         nk = (b * N + rows)[:, None] * K + ks[None, :]
         c = tl.load(cos_ptr + nk, mask=nkmask, other=0.0)
         p = _softmax_rows(c, kmask, temperature)
-        accumulate = it > 0
 
         # D = 0 without a lowrank gradient; has_gspatial = 0 without a spatial gradient.
-        gs_ptrs = gspatial_ptr + b * s_gsb + rows[:, None] * s_gsn + ks[None, :] * s_gsk
-        dp = tl.load(gs_ptrs, mask=nkmask & (has_gspatial != 0), other=0.0).to(tl.float32)
+        # (Scalar conditions are `if`s, not mask terms, as in the forward.)
+        dp = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if has_gspatial != 0:
+            gs_ptrs = gspatial_ptr + b * s_gsb + rows[:, None] * s_gsn + ks[None, :] * s_gsk
+            dp = tl.load(gs_ptrs, mask=nkmask, other=0.0).to(tl.float32)
         spatial_t = tl.trans(_round(p, dense_ptr.dtype.element_ty, INTERPRET))
         gl_rows = glowrank_ptr + b * s_glb + rows[:, None] * s_gln
         for j0 in range(0, D, BLOCK_D):
@@ -285,7 +290,9 @@ def _factorize_bwd_kernel(
             )
             dp = _dot(gl, tl.trans(v), dp, MODE, INTERPRET)
             kcmask = kmask[:, None] & cmask[None, :]
-            dv = tl.load(dv_rows + cj[None, :], mask=kcmask & accumulate, other=0.0)
+            dv = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+            if it > 0:  # the first block starts the partial sums
+                dv = tl.load(dv_rows + cj[None, :], mask=kcmask, other=0.0)
             dv = _dot(spatial_t, gl, dv, MODE, INTERPRET)
             tl.store(dv_rows + cj[None, :], dv, mask=kcmask)
 
@@ -317,7 +324,9 @@ def _factorize_bwd_kernel(
                 mask=ncmask,
             )
             kcmask = kmask[:, None] & cmask[None, :]
-            ds = tl.load(ds_rows + cj[None, :], mask=kcmask & accumulate, other=0.0)
+            ds = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
+            if it > 0:
+                ds = tl.load(ds_rows + cj[None, :], mask=kcmask, other=0.0)
             ds = _dot_f32(w_t, a, ds, MODE, INTERPRET)
             tl.store(ds_rows + cj[None, :], ds, mask=kcmask)
     tl.store(h_part_ptr + part * K + ks, h, mask=kmask)

@@ -3,14 +3,21 @@
 The interpreter (TRITON_INTERPRET=1) runs kernels on the CPU but accepts code
 that the GPU compiler rejects (tl.dot shapes under 16, mixed operand dtypes).
 `compile_for_gpu` compiles a kernel to PTX and cubin for an NVIDIA
-architecture through `triton.compile`, which needs no GPU.
+architecture through `triton.compile`, which needs no GPU (in a fresh process where
+the interpreter is on in this one).
 """
 
 from __future__ import annotations
 
+import importlib
+import pickle
 import statistics
+import sys
+import tempfile
 import time
+import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,7 +73,16 @@ def compile_for_gpu(
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> Any:
-    """Compiles `kernel` for sm_`arch` and returns the compiled kernel (its .asm holds ptx and cubin).
+    """Compiles `kernel` for sm_`arch`; returns the compiled kernel: `.asm` holds "ptx" and
+    "cubin" (and the IRs), `.metadata` what Triton records (`.shared`: bytes of shared memory).
+
+    Where the interpreter is on in this process (TRITON_INTERPRET=1, as the tests set it
+    without a GPU), the compile runs in a fresh process without it: the interpreter patches
+    triton.language while it runs a kernel, and what it leaves behind breaks a later compile
+    in the same process (on a cold Triton cache). The kernel must then be importable by its
+    module and name, constexprs must be Python literals, and the result is a snapshot: a
+    namespace with `.name`, `.hash`, `.asm` and `.metadata`. (Neither way has `.n_regs` or
+    `.n_spills`: Triton reads those when it loads the binary on a GPU.)
 
     Args:
         kernel: a @triton.jit function (autotune/heuristics wrappers are unwrapped).
@@ -76,7 +92,8 @@ def compile_for_gpu(
         arch: compute capability times ten (80 for A100, 90 for H100/H200).
 
     Raises:
-        triton.compiler.CompilationError (or another compiler error) if the GPU compiler rejects it.
+        triton.compiler.CompilationError (or another compiler error) if the GPU compiler
+        rejects it; in a fresh process, RuntimeError with the compiler's error output.
     """
     import triton
     from triton.backends.compiler import GPUTarget
@@ -94,6 +111,10 @@ def compile_for_gpu(
             constexprs[p.name] = value
         else:
             signature[p.name] = _arg_type(p.name, value)
+    if triton.knobs.runtime.interpret:
+        return _compile_in_fresh_process(
+            fn.fn, {**signature, **constexprs}, arch, num_warps, num_stages
+        )
     source = ASTSource(fn, signature, constexprs)
     compiled = triton.compile(
         source,
@@ -103,6 +124,50 @@ def compile_for_gpu(
     if "cubin" not in compiled.asm:
         raise RuntimeError(f"compile_for_gpu: no cubin produced for {fn.__name__} on sm_{arch}")
     return compiled
+
+
+def _compile_in_fresh_process(
+    function: Callable, args: dict[str, Any], arch: int, num_warps: int, num_stages: int
+) -> types.SimpleNamespace:
+    """`compile_for_gpu` of the kernel defined as `function`, in a fresh process without
+    TRITON_INTERPRET (`run_in_fresh_processes`); `args` hold type strings and constexprs."""
+    module = sys.modules[function.__module__]
+    name = function.__qualname__
+    if "<locals>" in name or getattr(module, "__file__", None) is None:
+        raise ValueError(
+            f"compile_for_gpu: {name} must be defined at the top of an importable module "
+            "to compile it while the Triton interpreter is on"
+        )
+    # The directory from which `module` imports by its name.
+    path = Path(module.__file__).resolve()
+    root = path.parents[module.__name__.count(".") + (path.stem == "__init__")]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "compiled.pickle")
+        job = (module.__name__, name, args, arch, num_warps, num_stages, out)
+        try:
+            run_in_fresh_processes(__name__, "_compile_to_file", [job], python_path=(str(root),))
+        except AssertionError as err:  # the child's error output
+            raise RuntimeError(f"compile_for_gpu: {name} for sm_{arch}: {err}") from None
+        snapshot = pickle.loads(Path(out).read_bytes())
+    snapshot["metadata"] = types.SimpleNamespace(**snapshot["metadata"])
+    return types.SimpleNamespace(**snapshot)
+
+
+def _compile_to_file(
+    module: str, name: str, args: dict, arch: int, num_warps: int, num_stages: int, out: str
+) -> None:
+    """In the fresh process: compiles `module.name` and pickles a snapshot into `out`."""
+    kernel = importlib.import_module(module)
+    for part in name.split("."):
+        kernel = getattr(kernel, part)
+    compiled = compile_for_gpu(kernel, args, arch, num_warps, num_stages)
+    snapshot = {
+        "name": compiled.name,
+        "hash": compiled.hash,
+        "asm": dict(compiled.asm),
+        "metadata": compiled.metadata._asdict(),
+    }
+    Path(out).write_bytes(pickle.dumps(snapshot))
 
 
 # Shared memory a block may use (bytes): the kernels must fit on A100 and H100/H200.
@@ -116,8 +181,6 @@ def compile_cases(module_name: str, function: str, arch: int) -> int:
     every kernel with every configuration its launcher can choose. Run it where
     TRITON_INTERPRET is unset (see `run_in_fresh_processes`).
     """
-    import importlib
-
     cases = getattr(importlib.import_module(module_name), function)()
     for label, kernel, args, num_warps in cases:
         try:
@@ -148,7 +211,6 @@ def run_in_fresh_processes(
     """
     import os
     import subprocess
-    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if python_path:

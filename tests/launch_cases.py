@@ -230,8 +230,10 @@ def check_launches_match_triton() -> None:
     launching.BoundLaunch.launch = launch
     installed = triton.__version__
     _, call = real_calls(torch.device("cpu"))[0]
+    (low_major, low_minor), (high_major, high_minor) = launching.TESTED_TRITON
     try:
-        for untested in ("3.5.0", "3.9.0"):
+        # The releases just below and at the end of the range (never the installed one).
+        for untested in (f"{low_major}.{low_minor - 1}.0", f"{high_major}.{high_minor}.0"):
             triton.__version__ = untested
             launching._triton_reason.cache_clear()
             n, before = len(RecordingLauncher.launches), runs[0]
@@ -247,8 +249,8 @@ def check_launches_match_triton() -> None:
 
 def check_configurations_match_triton() -> None:
     """What selects a binary: constexprs passed by position, each runtime argument's
-    specialization, TRITON_DEBUG's switch, pre-run hooks. Each call, once bound, launches
-    what JITFunction.run launches for it."""
+    specialization, TRITON_DEBUG's switch (and 3.9's fpsan_homomorphic_casts), pre-run
+    hooks. Each call, once bound, launches what JITFunction.run launches for it."""
     from triton import knobs
 
     launching, runs = _install()
@@ -340,6 +342,15 @@ def check_configurations_match_triton() -> None:
     finally:
         knobs.runtime.debug = False
     both(kernel, grid, args, meta, "reduce after TRITON_DEBUG")
+
+    # Triton 3.9's TRITON_FPSAN_HOMOMORPHIC_CASTS switch is a compiler option as well.
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):
+        knobs.compilation.fpsan_homomorphic_casts = True
+        try:
+            both(kernel, grid, args, meta, "reduce under TRITON_FPSAN_HOMOMORPHIC_CASTS")
+        finally:
+            knobs.compilation.fpsan_homomorphic_casts = False
+        both(kernel, grid, args, meta, "reduce after TRITON_FPSAN_HOMOMORPHIC_CASTS")
 
     # A pre-run hook runs on every launch (they run only in JITFunction.run).
     seen = []
