@@ -4,8 +4,9 @@
 #   benchmarks/gpu_check.sh            # on a GPU machine; results in $OUT (or benchmarks/results)
 #   benchmarks/gpu_check.sh --dry-run  # anywhere: tiny sizes, results in a temporary folder
 #   benchmarks/gpu_check.sh --anchors DIR  # the comparison packages' archives (default: anchors/)
-#   benchmarks/gpu_check.sh --part core    # build, GPU tests, figures file, paper table (~8 min)
-#   benchmarks/gpu_check.sh --part extra   # pytest-benchmark, diagnostics
+#   benchmarks/gpu_check.sh --part core    # build, kernel GPU tests, the targets' figures (<8 min)
+#   benchmarks/gpu_check.sh --part extra   # the other figures, build GPU tests, paper table,
+#                                          # pytest-benchmark, diagnostics
 #
 # Before the figures, a real run installs torch-linear-assignment 0.1.0 from
 # DIR/torch_linear_assignment-0.1.0.tar.gz into the environment and 0.0.6 (compiled with
@@ -13,8 +14,9 @@
 # hungarian benchmarks load both in one process; a missing archive is skipped with a reason.
 #
 # Writes into the output folder: gpu_check.log (everything printed), <date>-<card>.json and
-# .md (every figure, docs/benchmarks.md), the paper table's .json/.md/.png, benchmark.json
-# (pytest-benchmark) and diagnostics.json (eager against CUDA-graph times, GPU only).
+# .md (the core figures, docs/benchmarks.md), <date>-<card>-extra.json and .md (the others),
+# the paper table's .json/.md/.png, benchmark.json (pytest-benchmark) and diagnostics.json
+# (eager against CUDA-graph times, GPU only).
 set -uo pipefail
 
 usage() { echo "usage: $0 [--dry-run] [--anchors DIR] [--part core|extra]" >&2; }
@@ -58,6 +60,7 @@ mkdir -p "$out"
 log="$out/gpu_check.log"
 : >"$log"
 failed=()
+gpu_tests_s=180  # the core GPU tests' limit, and the background build's beside them
 
 step() {  # step NAME COMMAND...: runs, logs, remembers a failure, goes on
   local name="$1"
@@ -95,7 +98,7 @@ install_anchors() {
     elif [ "$dry" = 1 ]; then
       echo "dry run: would install $anchors/$tla010 into the environment" | tee -a "$log"
     else
-      step tla-0.1.0 timeout 60 "$PY" -m pip install --no-deps --no-build-isolation -q \
+      step tla-0.1.0 timeout 30 "$PY" -m pip install --no-deps --no-build-isolation -q \
         "$anchors/$tla010"
     fi
     if [ ! -f "$anchors/$tla006" ]; then
@@ -122,10 +125,11 @@ install_anchors() {
       fi
       rm -rf "$tla006_dir"
       unset STELLAR_TLA006_PATH
-      # In the background (a minute of nvcc), beside the GPU tests; finish_anchors waits.
+      # In the background (a minute of nvcc), beside the GPU tests; finish_anchors waits. Its
+      # limit is the GPU tests' own, so that the wait never adds to the core part's time.
       echo "=== tla-0.0.6: building in the background into $tla006_dir" | tee -a "$log"
       (
-        env "${build_env[@]}" timeout 240 "$PY" -m pip install --no-deps --no-build-isolation \
+        env "${build_env[@]}" timeout "$gpu_tests_s" "$PY" -m pip install --no-deps --no-build-isolation \
           -q --target "$tla006_dir" "$anchors/$tla006" >"$out/tla006-build.log" 2>&1
         echo $? >"$out/tla006-build.rc"
       ) &
@@ -150,29 +154,43 @@ finish_anchors() {  # waits for the background build of 0.0.6 and exports where 
 }
 
 # Order: what a short lease must not lose comes first. --part core: the build, the GPU tests
-# (torch-linear-assignment 0.0.6 compiling beside them), the figures file (the newest
-# figures first) and the paper table; --part extra: pytest-benchmark and the diagnostics.
-# Without --part, both in that order.
+# of the kernels (torch-linear-assignment 0.0.6 compiling beside them) and the figures the
+# targets need, the newest first (benchmarks/results.py: GROUPS); --part extra: the other
+# figures (a file of their own), the GPU tests of the first-use build (minutes of nvcc), the
+# paper table, pytest-benchmark and the diagnostics. Without --part, both in that order.
+#
+# The core part's limits sum to under 8 minutes: env ~7 s and build ~40 s (the last run's
+# log), tla-0.1.0 30 s, gpu-tests 180 s (the 0.0.6 build shares that limit), results 210 s.
+# Expected ~6 minutes: GPU tests ~140 s (57 took 96 s on the H200, now 73 and more
+# candidates to compile), core figures ~150 s (42 s for all figures at c81c2a9, plus the
+# torch.compile of the Sinkhorn-Knopp reference and of the training step).
+core_tests=(tests -m gpu --ignore=tests/test_build.py)
+build_tests=(tests/test_build.py -m gpu)
 if [ "$dry" = 1 ]; then
   install_anchors
-  step results "$PY" -m benchmarks.results --out-dir "$out" --quick
-  step gpu-tests "$PY" -m pytest tests -m gpu -q -p no:cacheprovider --co
+  step results "$PY" -m benchmarks.results --out-dir "$out" --quick --part core
+  step results-extra "$PY" -m benchmarks.results --out-dir "$out" --quick --part extra
+  step gpu-tests "$PY" -m pytest "${core_tests[@]}" -q -p no:cacheprovider --co
+  step gpu-build-tests "$PY" -m pytest "${build_tests[@]}" -q -p no:cacheprovider --co
   step paper-table "$PY" benchmarks/paper_table.py --quick --out-dir "$out"
   step benchmarks "$PY" -m pytest benchmarks/ --benchmark-disable -q -p no:cacheprovider
 else
   if [ "$part" != extra ]; then
     install_anchors
-    # Every gpu-marked test under tests/, among them the checks that need a GPU for the
+    # Every gpu-marked test of the kernels, among them the checks that need a GPU for the
     # launch path and the tuner: tests/test_launch.py (every kernel of the package, bound
     # launches bitwise equal to JITFunction.run's) and tests/test_tuning.py (tuning keeps the
     # allocator's cache and leaves other streams running).
-    step gpu-tests timeout 240 "$PY" -m pytest tests -m gpu -q -p no:cacheprovider -rfE \
-      --continue-on-collection-errors
+    step gpu-tests timeout "$gpu_tests_s" "$PY" -m pytest "${core_tests[@]}" -q \
+      -p no:cacheprovider -rfE --continue-on-collection-errors
     finish_anchors
-    step results timeout 300 "$PY" -m benchmarks.results --out-dir "$out"
-    step paper-table timeout 70 "$PY" benchmarks/paper_table.py --out-dir "$out"
+    step results timeout 210 "$PY" -m benchmarks.results --out-dir "$out" --part core
   fi
   if [ "$part" != core ]; then
+    step results-extra timeout 120 "$PY" -m benchmarks.results --out-dir "$out" --part extra
+    step gpu-build-tests timeout 300 "$PY" -m pytest "${build_tests[@]}" -q \
+      -p no:cacheprovider -rfE
+    step paper-table timeout 70 "$PY" benchmarks/paper_table.py --out-dir "$out"
     step benchmarks timeout 70 "$PY" -m pytest benchmarks/ --benchmark-only -q \
       -p no:cacheprovider --benchmark-json="$out/benchmark.json" \
       --benchmark-columns=median,iqr,rounds

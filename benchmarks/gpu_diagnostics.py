@@ -142,14 +142,17 @@ def main() -> int:
         "B512 K16 D768 bf16",
         partial(sk.match_tokens, pred.bfloat16(), target.bfloat16(), validate=False),
     )
-    for warps in (1, 2, 4, 8):
+    # Every launch candidate: one program per view ("per row"), or VB views of one image per
+    # program ("per image", each target chunk read once for them).
+    for per_program, warps in tokens_module.match_tokens_candidates(16, 8):
         fn = partial(sk.match_tokens, pred, target, validate=False)
+        form = "per row" if per_program == tokens_module.PER_ROW else f"per image VB={per_program}"
         # The autotuner restricted to one candidate, with a fresh cache.
         original = tokens_module.match_tokens_candidates
-        tokens_module.match_tokens_candidates = lambda tile, w=warps: [w]
+        tokens_module.match_tokens_candidates = lambda *_, c=(per_program, warps): [c]
         _triton.TUNED.clear()
         try:
-            record("match_tokens", f"B512 K16 D768 fp32 num_warps={warps}", fn)
+            record("match_tokens", f"B512 K16 D768 fp32 {form} num_warps={warps}", fn)
         finally:
             tokens_module.match_tokens_candidates = original
             _triton.TUNED.clear()

@@ -14,6 +14,7 @@ every figure says so in "ours_backend".
 
 from __future__ import annotations
 
+import importlib
 from functools import partial
 
 import pytest
@@ -24,6 +25,7 @@ import stellar_kernels as sk
 from benchmarks.common import (
     compare,
     copy_bandwidth_gbs,
+    graph_ms,
     maybe_graph_ms,
     median_ms,
     paper_sinkhorn_match,
@@ -140,8 +142,9 @@ def test_match_tokens_torch_reference_paper_batch(run, device, images):
 
 def figures(device: torch.device, quick: bool = False) -> list[dict]:
     """match_tokens/B512_K16_D768 (vs torch_reference), match_tokens_vs_scipy/B512_K16_D768,
-    match_tokens_floor/B512_K16_D768 and match_quality/B512_K16_D768 (8 images under --quick,
-    named by the size measured)."""
+    match_tokens_floor/B512_K16_D768 and, on a GPU, match_tokens_floor_graph/B512_K16_D768
+    with the CUDA-graph time of every launch candidate (8 images under --quick, named by the
+    size measured)."""
     backend = ours_backend(device)
     images = 8 if quick else IMAGES
     size = f"B{images * VIEWS}_K{K}_D{D}"
@@ -211,12 +214,49 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
                 floor_bytes,
                 bandwidth,
                 timing="cuda_graph",
+                **candidate_graph_ms(pred, target, ours_fn),
                 **floor_extra,
                 **extra,
             )
         )
-    out.append(match_quality(device, images, size, backend))
     return out
+
+
+def candidate_graph_ms(pred: torch.Tensor, target: torch.Tensor, fn) -> dict:
+    """The tuner's choice for this call and the CUDA-graph time of `fn` with each launch
+    candidate ("row/<warps>": one program per view; "image<VB>/<warps>": VB views of an
+    image per program, its target read once for them): which form the GPU favours."""
+    mt = importlib.import_module("stellar_kernels.match_tokens")
+    tuned = importlib.import_module("stellar_kernels._triton").TUNED
+    key = mt.match_tokens_tune_key(pred, target)
+    views = pred.shape[0] // target.shape[0]
+    chosen = tuned.get(key)
+
+    def label(config: tuple[int, int]) -> str:
+        per_program, warps = config
+        return f"row/{warps}" if per_program == mt.PER_ROW else f"image{per_program}/{warps}"
+
+    by_candidate = {}
+    try:
+        for config in mt.match_tokens_candidates(mt.tile_edge(target.shape[1]), views):
+            tuned[key] = config
+            by_candidate[label(config)] = round(graph_ms(fn), 6)
+    finally:
+        if chosen is None:
+            tuned.pop(key, None)
+        else:
+            tuned[key] = chosen
+    return {
+        "tuned": label(chosen) if chosen is not None else None,
+        "cuda_graph_ms_by_candidate": by_candidate,
+    }
+
+
+def extra_figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """match_quality/B512_K16_D768 (8 images under --quick, named by the size measured)."""
+    images = 8 if quick else IMAGES
+    size = f"B{images * VIEWS}_K{K}_D{D}"
+    return [match_quality(device, images, size, ours_backend(device))]
 
 
 def match_quality(device: torch.device, images: int, size: str, backend: str) -> dict:

@@ -116,54 +116,54 @@ def test_sinkhorn_knopp_torch_reference_paper_batch(run, device, images):
 # --- fixed-name figures for benchmarks/results.py ---------------------------------------------
 
 
-def figures(device: torch.device, quick: bool = False) -> list[dict]:
-    """sinkhorn_knopp/N2048_P16384_{fp32,bf16}, sinkhorn_knopp_floor/N2048_P16384_fp32,
-    sinkhorn_knopp/N1024_P16384_fp32, on a GPU sinkhorn_knopp_vs_compile/N2048_P16384_fp32
-    and sinkhorn_knopp_paper_batch/N<17 x images>_P16384_fp32 for 4-64 images (smaller N
-    under --quick, named by the size measured)."""
+def _setup(device: torch.device) -> tuple[dict, dict]:
+    """compare()'s rounds on this device, and the fields every figure carries."""
     backend = ours_backend(device)
     rounds = {} if device.type == "cuda" else {"rounds": 2, "rep": 2}
     extra = {"ours_backend": backend, "n_iters": N_ITERS, "eps": EPS}
     if backend == "torch":
         extra["note"] = "no CUDA device: ours is the PyTorch path, the same code as the baseline"
-    out = []
-    timed: dict[tuple[int, int, str], float] = {}
-    main_scores = None
-    for n, p, dt in [(2048, 16384, "fp32"), (2048, 16384, "bf16"), (1024, 16384, "fp32")]:
-        if quick:
-            n = n // 8
-        scores = _scores(n, p, DTYPES[dt], device)
-        q = ours(scores)
-        torch.testing.assert_close(q, torch_reference(scores), rtol=1e-4, atol=1e-7)
-        del q
-        fig = compare(
-            f"sinkhorn_knopp/N{n}_P{p}_{dt}",
-            partial(ours, scores),
-            "torch_reference",
-            partial(torch_reference, scores),
-            device,
-            **rounds,
-            **extra,
-        )
-        timed[(n, p, dt)] = fig["ours_ms"]
-        out.append(fig)
-        if dt == "fp32" and main_scores is None:
-            main_scores = scores
+    return rounds, extra
+
+
+def _compare(n: int, p: int, dt: str, device: torch.device, **fields) -> dict:
+    """sinkhorn_knopp/N<n>_P<p>_<dt> against torch_reference, after checking ours against it."""
+    scores = _scores(n, p, DTYPES[dt], device)
+    q = ours(scores)
+    torch.testing.assert_close(q, torch_reference(scores), rtol=1e-4, atol=1e-7)
+    del q
+    return compare(
+        f"sinkhorn_knopp/N{n}_P{p}_{dt}",
+        partial(ours, scores),
+        "torch_reference",
+        partial(torch_reference, scores),
+        device,
+        **fields,
+    )
+
+
+def figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """sinkhorn_knopp/N2048_P16384_fp32, sinkhorn_knopp_floor/N2048_P16384_fp32 and, on a GPU,
+    sinkhorn_knopp_vs_compile/N2048_P16384_fp32 (N256 under --quick, named by the size
+    measured): what the targets need."""
+    rounds, extra = _setup(device)
+    backend = extra["ours_backend"]
     n, p = (2048 // 8 if quick else 2048), 16384
+    main = _compare(n, p, "fp32", device, **rounds, **extra)
     bandwidth = copy_bandwidth_gbs(device)
     floor_bytes = n * p * 4 + n * p * 4  # read the fp32 scores once, write q once
-    out.insert(
-        2,
+    out = [
+        main,
         vs_floor(
             f"sinkhorn_knopp_floor/N{n}_P{p}_fp32",
-            timed[(n, p, "fp32")],
+            main["ours_ms"],
             floor_bytes,
             bandwidth,
             copy_bandwidth_gbs=round(bandwidth, 1),
             **({"hbm_passes": N_ITERS + 2} if backend == "triton" else {}),
             **extra,
         ),
-    )
+    ]
     if device.type != "cuda":
         out.append(
             reported(
@@ -173,24 +173,39 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
             )
         )
         return out
+    scores = _scores(n, p, torch.float32, device)
     compiled = torch.compile(torch_reference)
-    torch.testing.assert_close(compiled(main_scores), torch_reference(main_scores))
+    torch.testing.assert_close(compiled(scores), torch_reference(scores))
     out.append(
         compare(
             f"sinkhorn_knopp_vs_compile/N{n}_P{p}_fp32",
-            partial(ours, main_scores),
+            partial(ours, scores),
             "torch_compile",
-            partial(compiled, main_scores),
+            partial(compiled, scores),
             device,
             **extra,
         )
     )
-    del main_scores
+    return out
+
+
+def extra_figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """sinkhorn_knopp/N2048_P16384_bf16, sinkhorn_knopp/N1024_P16384_fp32 and, on a GPU,
+    sinkhorn_knopp_paper_batch/N<17 x images>_P16384_fp32 for 4-64 images (N / 8 under
+    --quick, named by the size measured)."""
+    rounds, extra = _setup(device)
+    scale = 8 if quick else 1
+    out = [
+        _compare(2048 // scale, 16384, "bf16", device, **rounds, **extra),
+        _compare(1024 // scale, 16384, "fp32", device, **rounds, **extra),
+    ]
+    if device.type != "cuda":
+        return out
     for images in PAPER_IMAGES:
-        scores = _scores(images * 17, p, torch.float32, device)
+        scores = _scores(images * 17, 16384, torch.float32, device)
         out.append(
             compare(
-                f"sinkhorn_knopp_paper_batch/N{images * 17}_P{p}_fp32",
+                f"sinkhorn_knopp_paper_batch/N{images * 17}_P16384_fp32",
                 partial(ours, scores),
                 "torch_reference",
                 partial(torch_reference, scores),

@@ -141,10 +141,18 @@ def hungarian_figure(cost: torch.Tensor, device: torch.device, **timing) -> dict
     )
 
 
+def _timing(device: torch.device) -> dict:
+    """compare()'s rounds: its defaults on a GPU, fewer on the CPU (the PyTorch path is slow)."""
+    return {} if device.type == "cuda" else {"rounds": 3, "rep": 3}
+
+
+def rounding_figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """sinkhorn_match_rounding_hungarian/B512_K16 (B16 under --quick, named by the size)."""
+    return [hungarian_figure(_cost(16 if quick else 512, 16, device), device, **_timing(device))]
+
+
 def figures(device: torch.device, quick: bool = False) -> list[dict]:
-    """sinkhorn_match/B512_K16 against torch_reference, and
-    sinkhorn_match_rounding_hungarian/B512_K16 against the greedy rounding (B16 under --quick,
-    named by the size)."""
+    """sinkhorn_match/B512_K16 against torch_reference (B16 under --quick, named by the size)."""
     backend = ours_backend(device)
     batch, k = (16 if quick else 512), 16
     cost = _cost(batch, k, device)
@@ -169,7 +177,6 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
             "no CUDA device: ours is the PyTorch path (Triton runs only in the interpreter on the "
             "CPU); its one-to-one rounding costs K extra passes that the argmax baseline skips"
         )
-    rounds = {} if device.type == "cuda" else {"rounds": 3, "rep": 3}
     return [
         compare(
             f"sinkhorn_match/B{batch}_K{k}",
@@ -177,10 +184,9 @@ def figures(device: torch.device, quick: bool = False) -> list[dict]:
             "torch_reference",
             partial(torch_reference, cost),
             device,
-            **rounds,
+            **_timing(device),
             **extra,
-        ),
-        hungarian_figure(cost, device, **rounds),
+        )
     ]
 
 

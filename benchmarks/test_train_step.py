@@ -77,38 +77,61 @@ def compiled_step_figure(
 
 
 def figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """train_step/vitb16_B64 and train_step_compiled/vitb16_B64 on a GPU (batch 8 under
+    --quick, named by the size measured)."""
     from benchmarks.common import reported, vs_baseline
+
+    out: list[dict] = []
+    if device.type != "cuda":
+        return out
+    batch = 8 if quick else BASE_BATCH
+    times = {}
+    for kernels in ("torch", "triton"):
+        try:
+            step = make_train_step("base", batch, device, kernels)
+            times[kernels] = median_ms(step, device, warmup=2, rep=3 if quick else 8)
+        except NotImplementedError as err:
+            print(f"train_step/vitb16_B{batch}: --kernels {kernels} skipped ({err})")
+        step = None  # free the model before the next one
+        torch.cuda.empty_cache()
+    if len(times) == 2:
+        out.append(
+            vs_baseline(
+                f"train_step/vitb16_B{batch}", times["triton"], "torch_kernels", times["torch"]
+            )
+        )
+    if not times:
+        return out
+    kernels = "triton" if "triton" in times else "torch"
+    try:
+        out.append(compiled_step_figure(batch, device, kernels, times[kernels], quick))
+    except Exception as err:  # a compiler failure must not lose the other figures
+        out.append(
+            reported(
+                f"train_step_compiled/vitb16_B{batch}",
+                failed=f"{type(err).__name__}: {err}"[:500],
+            )
+        )
+        torch.cuda.empty_cache()
+    return out
+
+
+def extra_figures(device: torch.device, quick: bool = False) -> list[dict]:
+    """train_step/components_vitb16_B64 on a GPU (batch 8 under --quick) and
+    train_step/tiny_cpu."""
+    from benchmarks.common import reported
 
     out = []
     if device.type == "cuda":
         batch = 8 if quick else BASE_BATCH
-        times = {}
-        for kernels in ("torch", "triton"):
-            try:
-                step = make_train_step("base", batch, device, kernels)
-                times[kernels] = median_ms(step, device, warmup=2, rep=3 if quick else 8)
-            except NotImplementedError as err:
-                print(f"train_step/vitb16_B{batch}: --kernels {kernels} skipped ({err})")
-            step = None  # free the model before the next one
-            torch.cuda.empty_cache()
-        if len(times) == 2:
-            out.append(
-                vs_baseline(
-                    f"train_step/vitb16_B{batch}", times["triton"], "torch_kernels", times["torch"]
-                )
-            )
-        kernels = "triton" if "triton" in times else "torch"
+        rep = 3 if quick else 10
         try:
-            out.append(compiled_step_figure(batch, device, kernels, times[kernels], quick))
-        except Exception as err:  # a compiler failure must not lose the other figures
-            out.append(
-                reported(
-                    f"train_step_compiled/vitb16_B{batch}",
-                    failed=f"{type(err).__name__}: {err}"[:500],
-                )
-            )
-            torch.cuda.empty_cache()
-        parts = component_times("base", batch, device, kernels=kernels, rep=3 if quick else 10)
+            kernels = "triton"
+            parts = component_times("base", batch, device, kernels=kernels, rep=rep)
+        except NotImplementedError as err:
+            print(f"train_step/components_vitb16_B{batch}: --kernels triton skipped ({err})")
+            kernels = "torch"
+            parts = component_times("base", batch, device, kernels=kernels, rep=rep)
         out.append(
             reported(
                 f"train_step/components_vitb16_B{batch}",

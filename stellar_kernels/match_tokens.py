@@ -9,6 +9,9 @@ PyTorch reference is `stellar_kernels.reference.match_tokens_reference`.
 `_match_tokens_kernel`: program r takes view r (image r // V), streams the token
 dimension D in chunks, builds ||p||^2 + ||t||^2 - 2 p.t with `tl.dot`, then runs the
 Sinkhorn iterations and the rounding of `stellar_kernels.sinkhorn_match` in registers.
+With the constexpr VB >= 2 a program takes VB views of one image instead (a batched
+`tl.dot`), so that each target chunk is read once for those views instead of once per
+view; the launcher times both forms on a GPU (`match_tokens_candidates`).
 
 Accuracy. Token 0 of the image's target is subtracted from both sides first (distances
 do not change): tokens that share a large common component, as ViT tokens share their
@@ -36,6 +39,7 @@ from .sinkhorn_match import (
     MatchResult,
     check_hyper,
     kernel_rounding,
+    match_outputs,
     round_hungarian,
     sinkhorn_match_triton,
     store_plan_and_index,
@@ -44,9 +48,8 @@ from .sinkhorn_match import (
 )
 
 
-@bound_launch
-@triton.jit(do_not_specialize=["permutation"])
-def _match_tokens_kernel(
+@triton.jit
+def _match_one_row(
     pred_ptr,
     target_ptr,
     plan_ptr,
@@ -107,30 +110,194 @@ def _match_tokens_kernel(
     )
 
 
+@triton.jit
+def _match_image_views(
+    pred_ptr,
+    target_ptr,
+    plan_ptr,
+    index_ptr,
+    V,
+    Q,
+    T,
+    D,
+    stride_pb,
+    stride_pq,
+    stride_pd,
+    stride_tb,
+    stride_tt,
+    stride_td,
+    scale,
+    n_iters,
+    permutation,
+    VB: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """Views g' * VB ... g' * VB + VB - 1 (those below V) of one image against its target row
+    (program g: image g // groups, group g' = g % groups of cdiv(V, VB)), as VB problems of
+    `_match_one_row`: each target chunk and its origin are loaded once for the VB views, whose
+    dots are one batched `tl.dot` against the chunk broadcast over the views.
+
+    Each entry goes through the operations `_match_one_row` applies to it (the same
+    differences, products and sums), so the two agree bitwise on chunks of the same BD where
+    the batched dot keeps each product's reduction order (the interpreter does;
+    tests/test_sinkhorn_match_triton.py checks it).
+    """
+    g = tl.program_id(0)
+    groups = tl.cdiv(V, VB)
+    image = g // groups
+    views = (g % groups) * VB + tl.arange(0, VB)
+    view_ok = views < V
+    # A view beyond V has no row of its own (its number would be the next image's first
+    # row): its problem number is the end of this image's rows, which the index store masks;
+    # `valid` masks its plan.
+    end = (image + 1) * V
+    problem = tl.where(view_ok, image * V + views, end)
+    ks = tl.arange(0, BK)
+    ds = tl.arange(0, BD)
+    p_ptrs = (
+        pred_ptr
+        + problem[:, None, None].to(tl.int64) * stride_pb
+        + ks[None, :, None].to(tl.int64) * stride_pq
+        + ds[None, None, :].to(tl.int64) * stride_pd
+    )
+    t_row = target_ptr + image.to(tl.int64) * stride_tb
+    t_ptrs = t_row + ks[:, None].to(tl.int64) * stride_tt + ds[None, :].to(tl.int64) * stride_td
+    o_ptrs = t_row + ds[None, :].to(tl.int64) * stride_td  # target token 0, the origin
+    p_rows = view_ok[:, None, None] & (ks[None, :, None] < Q)
+    dot = tl.zeros((VB, BK, BK), dtype=tl.float32)
+    p_norm = tl.zeros((VB, BK), dtype=tl.float32)
+    t_norm = tl.zeros((BK,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        d_ok = (d0 + ds)[None, :] < D
+        origin = tl.load(o_ptrs, mask=d_ok, other=0.0).to(tl.float32)
+        t = tl.load(t_ptrs, mask=(ks[:, None] < T) & d_ok, other=0.0).to(tl.float32) - origin
+        p = tl.load(p_ptrs, mask=p_rows & d_ok[None, :, :], other=0.0).to(tl.float32)
+        p = p - origin[None, :, :]
+        t_all = tl.broadcast_to(tl.trans(t)[None, :, :], (VB, BD, BK))
+        dot = tl.dot(p, t_all, dot, input_precision="tf32x3")
+        p_norm += tl.sum(p * p, axis=2)
+        t_norm += tl.sum(t * t, axis=1)
+        p_ptrs += BD * stride_pd
+        t_ptrs += BD * stride_td
+        o_ptrs += BD * stride_td
+    sq = tl.maximum(p_norm[:, :, None] + t_norm[None, None, :] - 2.0 * dot, 0.0)
+    c = tl.sqrt_rn(sq) * scale
+    valid = p_rows & (ks[None, None, :] < T)
+    allowed = valid & (c != float("inf"))
+    plan = tile_sinkhorn_plan(c, allowed, n_iters, VB, BK, BK)
+    store_plan_and_index(
+        plan_ptr, index_ptr, plan, valid, allowed, problem, end, Q, T, permutation, VB, BK
+    )
+
+
+@bound_launch
+@triton.jit(do_not_specialize=["permutation"])
+def _match_tokens_kernel(
+    pred_ptr,
+    target_ptr,
+    plan_ptr,
+    index_ptr,
+    V,
+    Q,
+    T,
+    D,
+    stride_pb,
+    stride_pq,
+    stride_pd,
+    stride_tb,
+    stride_tt,
+    stride_td,
+    scale,
+    n_iters,
+    permutation,
+    VB: tl.constexpr,
+    BK: tl.constexpr,
+    BD: tl.constexpr,
+):
+    """VB == PER_ROW (0): one pred row per program (`_match_one_row`, grid B * V). VB >= 2:
+    VB views of one image per program (`_match_image_views`, grid B * cdiv(V, VB)). One
+    kernel with a constexpr, so each binary holds one form only."""
+    if VB == 0:
+        _match_one_row(
+            pred_ptr, target_ptr, plan_ptr, index_ptr, V, Q, T, D,
+            stride_pb, stride_pq, stride_pd, stride_tb, stride_tt, stride_td,
+            scale, n_iters, permutation, BK, BD,
+        )  # fmt: skip
+    else:
+        _match_image_views(
+            pred_ptr, target_ptr, plan_ptr, index_ptr, V, Q, T, D,
+            stride_pb, stride_pq, stride_pd, stride_tb, stride_tt, stride_td,
+            scale, n_iters, permutation, VB, BK, BD,
+        )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
-def match_tokens_candidates(tile: int) -> list[int]:
-    """num_warps that the fused token kernel may run with (first: the untimed default)."""
-    return {16: [1, 2, 4, 8], 32: [4, 8], 64: [8], 128: [16]}[tile]
+PER_ROW = 0
+"""Views per program (the constexpr VB) that selects the per-row form of `_match_tokens_kernel`."""
+
+IMAGE_CONFIGS = {16: [(2, 2), (2, 4), (4, 4), (4, 8), (8, 8), (16, 8)], 32: [(2, 4), (4, 8)]}
+"""(views per program VB, num_warps) of the per-image form by tile: those that ptxas compiles
+for sm_80 and sm_90 without spilling (158-255 registers with the chunk of
+`match_tokens_block_d`); 16 warps would cap a thread at 128 registers and spill. Larger
+tiles keep the per-row form only: their register tiles are full with one problem."""
 
 
-def match_tokens_block_d(tile: int) -> int:
-    """Chunk of the token dimension streamed per step: smaller for larger tiles (registers)."""
-    return {16: 64, 32: 64, 64: 32, 128: 16}[tile]
+def match_tokens_candidates(tile: int, views: int) -> list[tuple[int, int]]:
+    """(views per program, num_warps) that the fused token kernels may run with; the first,
+    the per-row kernel with its fewest warps, is the untimed default.
+
+    Views per program PER_ROW: one program per pred row. VB >= 2: VB views of one image per
+    program (its target read once for them); only where an image has more than one view,
+    and VB at most V rounded up to a power of two (beyond that a program would hold only
+    masked views)."""
+    per_row = {16: [1, 2, 4, 8], 32: [4, 8], 64: [8], 128: [16]}[tile]
+    candidates = [(PER_ROW, warps) for warps in per_row]
+    if views > 1:
+        most = triton.next_power_of_2(views)
+        candidates += [(vb, w) for vb, w in IMAGE_CONFIGS.get(tile, []) if vb <= most]
+    return candidates
+
+
+def match_tokens_block_d(tile: int, views_per_program: int = PER_ROW, warps: int = 1) -> int:
+    """Chunk of the token dimension streamed per step: smaller for larger tiles (registers).
+    The per-image form's chunk of its VB views' pred tokens is at most 8 floats per thread
+    (more spilled in the batched tf32x3 dot on sm_90), and at least 16 (tl.dot's inner
+    dimension); so its chunks, and with them the order of its sums over D, differ from the
+    per-row form's (64 at tiles 16 and 32)."""
+    if views_per_program == PER_ROW:
+        return {16: 64, 32: 64, 64: 32, 128: 16}[tile]
+    return max(16, min(64, 256 * warps // (views_per_program * tile)))
+
+
+def match_tokens_tune_key(pred: torch.Tensor, target: torch.Tensor) -> tuple:
+    """The tuning key of a match_tokens call (`tune_key`). V is in it: it decides which
+    per-image candidates exist."""
+    rows, q, d = pred.shape
+    images, t, _ = target.shape
+    views = rows // images
+    return tune_key("match_tokens", pred.device, pred.dtype, rows, q, t, d, views, target.dtype)
 
 
 def match_tokens_triton(
-    pred: torch.Tensor, target: torch.Tensor, eps: float, n_iters: int, rounding: str
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    eps: float,
+    n_iters: int,
+    rounding: str,
+    one_allocation: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton match_tokens: (index (B*V, Q), plan (B*V, Q, T)); any strides, no repeated target."""
+    """Triton match_tokens: (index (B*V, Q), plan (B*V, Q, T)); any strides, no repeated
+    target. The outputs come from `match_outputs` (`one_allocation`)."""
     rows, q, d = pred.shape
     images, t, _ = target.shape
     if t > TILE_LIMIT:
         # Beyond one register tile: the cost goes through memory, then the loop path.
-        return sinkhorn_match_triton(euclidean_cost_reference(pred, target), eps, n_iters, rounding)
-    plan = torch.empty((rows, q, t), dtype=torch.float32, device=pred.device)
-    index = torch.empty((rows, q), dtype=torch.int64, device=pred.device)
+        cost = euclidean_cost_reference(pred, target)
+        return sinkhorn_match_triton(cost, eps, n_iters, rounding, one_allocation)
+    index, plan = match_outputs(rows, q, t, pred.device, one_allocation)
     if rows * q == 0:
         return index, plan
     tile = tile_edge(t)
@@ -138,8 +305,10 @@ def match_tokens_triton(
     scale = LOG2E / eps
     permutation = int(rounding == "permutation")
 
-    def launch(warps: int) -> None:
-        _match_tokens_kernel[(rows,)](
+    def launch(cfg: tuple[int, int]) -> None:
+        per_program, warps = cfg
+        grid = rows if per_program == PER_ROW else images * triton.cdiv(views, per_program)
+        _match_tokens_kernel[(grid,)](
             pred,
             target,
             plan,
@@ -153,14 +322,15 @@ def match_tokens_triton(
             scale,
             n_iters,
             permutation,
+            VB=per_program,
             BK=tile,
-            BD=match_tokens_block_d(tile),
+            BD=match_tokens_block_d(tile, per_program, warps),
             num_warps=warps,
         )
 
     with on_device(pred.device):
-        key = tune_key("match_tokens", pred.device, pred.dtype, rows, q, t, d, target.dtype)
-        launch(autotune(key, match_tokens_candidates(tile), launch, pred.device))
+        key = match_tokens_tune_key(pred, target)
+        launch(autotune(key, match_tokens_candidates(tile, views), launch, pred.device))
     return index, plan
 
 
@@ -168,7 +338,8 @@ def match_tokens_triton(
 def _match_tokens_op(
     pred: torch.Tensor, target: torch.Tensor, eps: float, n_iters: int, rounding: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return match_tokens_triton(pred, target, eps, n_iters, rounding)
+    # Two allocations: a custom op's outputs must not alias each other (see match_outputs).
+    return match_tokens_triton(pred, target, eps, n_iters, rounding, one_allocation=False)
 
 
 @_match_tokens_op.register_fake

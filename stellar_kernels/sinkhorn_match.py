@@ -378,6 +378,43 @@ LOOP_BLOCK = 64
 LOOP_WARPS = 4
 
 
+ONE_OUTPUT_ALLOCATION = True
+"""Whether `match_outputs` takes index and plan from one allocation by default (read at
+each call: benchmarks/test_host_overhead.py times both ways in one process)."""
+
+OUTPUT_ALIGNMENT = 256
+"""Bytes to which `match_outputs` rounds the start of the plan inside the shared buffer: where
+a separate allocation would start (the caching allocator's blocks are 512-byte aligned), so
+Triton's 16-byte specialization and any vectorized reader see an aligned plan."""
+
+
+def match_outputs(
+    b: int, q: int, t: int, device: torch.device, one_allocation: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialized outputs of a matching: index (b, q) int64 and plan (b, q, t) float32.
+
+    With one_allocation (default: ONE_OUTPUT_ALLOCATION) both are contiguous views of one
+    int64 buffer, the index first (int64 needs the stricter alignment) and the plan from the
+    next multiple of OUTPUT_ALIGNMENT bytes: one trip through the allocator per call instead
+    of two (host time, docs/benchmarks.md). They share that storage, so neither may be
+    resized in place, and a caller that keeps only the index keeps the plan's bytes alive
+    (b q t floats: 0.5 MB at 512 problems of 16 x 16). A `torch.library` custom op must not
+    return outputs that alias each other (torch checks it), so its implementations pass
+    one_allocation=False: two allocations.
+    """
+    if one_allocation is None:
+        one_allocation = ONE_OUTPUT_ALLOCATION
+    if not one_allocation:
+        index = torch.empty((b, q), dtype=torch.int64, device=device)
+        return index, torch.empty((b, q, t), dtype=torch.float32, device=device)
+    words = OUTPUT_ALIGNMENT // 8
+    start = -(-(b * q) // words) * words  # int64 words before the plan
+    buffer = torch.empty(start + (b * q * t + 1) // 2, dtype=torch.int64, device=device)
+    index = buffer.as_strided((b, q), (q, 1))
+    plan = buffer.view(torch.float32).as_strided((b, q, t), (q * t, t, 1), 2 * start)
+    return index, plan
+
+
 def tile_edge(n: int) -> int:
     """Power-of-two tile edge >= n and >= 16 (tl.dot needs every dimension >= 16)."""
     return max(16, triton.next_power_of_2(n))
@@ -395,12 +432,16 @@ def sinkhorn_candidates(tile: int) -> list[tuple[int, int]]:
 
 
 def sinkhorn_match_triton(
-    cost: torch.Tensor, eps: float, n_iters: int, rounding: str
+    cost: torch.Tensor,
+    eps: float,
+    n_iters: int,
+    rounding: str,
+    one_allocation: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton sinkhorn_match of a (B, Q, T) cost, any strides: (index (B, Q), plan (B, Q, T))."""
+    """Triton sinkhorn_match of a (B, Q, T) cost, any strides: (index (B, Q), plan (B, Q, T)),
+    allocated by `match_outputs` (`one_allocation`)."""
     b, q, t = cost.shape
-    plan = torch.empty((b, q, t), dtype=torch.float32, device=cost.device)
-    index = torch.empty((b, q), dtype=torch.int64, device=cost.device)
+    index, plan = match_outputs(b, q, t, cost.device, one_allocation)
     if b * q == 0:
         return index, plan
     scale = LOG2E / eps
@@ -461,7 +502,8 @@ def sinkhorn_match_triton(
 def _sinkhorn_match_op(
     cost: torch.Tensor, eps: float, n_iters: int, rounding: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return sinkhorn_match_triton(cost, eps, n_iters, rounding)
+    # Two allocations: a custom op's outputs must not alias each other (see match_outputs).
+    return sinkhorn_match_triton(cost, eps, n_iters, rounding, one_allocation=False)
 
 
 @_sinkhorn_match_op.register_fake

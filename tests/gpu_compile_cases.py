@@ -42,25 +42,34 @@ def sinkhorn_match_cases() -> list[tuple[str, object, dict, int]]:
 
 
 def match_tokens_cases() -> list[tuple[str, object, dict, int]]:
-    """Every tile and num_warps with float32 and float16 tokens; bfloat16 tokens and mixed
-    dtypes (the kernel converts each chunk to float32) with the K = 16 default."""
+    """Every tile and candidate (views per program, num_warps) with float32 tokens, the
+    per-row form's with float16 tokens; bfloat16 tokens and mixed dtypes with the K = 16
+    default. The per-image form (VB >= 2; its batched `tl.dot` on 3-D operands meets
+    constraints the interpreter does not check) with half tokens at its smallest and largest
+    VB: half precision changes only the loads (the kernel converts each chunk to float32)."""
     mt = importlib.import_module("stellar_kernels.match_tokens")
 
     cases = []
     dtypes = [("fp32", "fp32"), ("fp16", "fp16"), ("bf16", "bf16"), ("bf16", "fp32")]
     for pred, target in dtypes:
         for tile in (16, 32, 64, 128):
-            configs = mt.match_tokens_candidates(tile)
-            if pred == "bf16":
-                configs = configs[:1] if tile == 16 else []
-            for warps in configs:
+            # V = 16: every per-image candidate exists (V = 3, below, runs with masked views).
+            configs = mt.match_tokens_candidates(tile, 16)
+            if pred != "fp32":
+                rows = [c for c in configs if c[0] == mt.PER_ROW]
+                images = [c for c in configs if c[0] in (2, 16)] if tile == 16 else []
+                configs = (rows if pred == "fp16" else rows[:1] if tile == 16 else []) + images
+            for per_program, warps in configs:
                 args = {"pred_ptr": f"*{pred}", "target_ptr": f"*{target}"}
-                args.update(plan_ptr="*fp32", index_ptr="*i64", V=3, Q=13, T=15, D=770)
+                args.update(plan_ptr="*fp32", index_ptr="*i64")
+                form = "row" if per_program == mt.PER_ROW else f"image VB={per_program}"
+                args.update(V=3, Q=13, T=15, D=770)
                 args.update(stride_pb=12345, stride_pq=771, stride_pd=3)
                 args.update(stride_tb=12347, stride_tt=773, stride_td=5)
                 args.update(scale=2.5, n_iters=5, permutation=1)
-                args.update(BK=tile, BD=mt.match_tokens_block_d(tile))
-                label = f"tokens {pred}/{target} BK={tile} warps={warps}"
+                bd = mt.match_tokens_block_d(tile, per_program, warps)
+                args.update(VB=per_program, BK=tile, BD=bd)
+                label = f"tokens {form} {pred}/{target} BK={tile} warps={warps}"
                 cases.append((label, mt._match_tokens_kernel, args, warps))
     return cases
 

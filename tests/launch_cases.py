@@ -52,6 +52,28 @@ def real_calls(device: torch.device) -> list[tuple[str, Callable[[], list[torch.
     def tokens(pred: torch.Tensor, target: torch.Tensor) -> Callable[[], list[torch.Tensor]]:
         return lambda: list(sk.match_tokens(pred, target, validate=False))
 
+    def tokens_per_image(
+        pred: torch.Tensor, target: torch.Tensor, config: tuple[int, int]
+    ) -> Callable[[], list[torch.Tensor]]:
+        """match_tokens launched with the per-image `config`: only timing on a GPU picks
+        that form, so the call sets it as the tuner's choice for its key, then restores."""
+        mt = importlib.import_module("stellar_kernels.match_tokens")
+        tuned = importlib.import_module("stellar_kernels._triton").TUNED
+
+        def call() -> list[torch.Tensor]:
+            key = mt.match_tokens_tune_key(pred, target)
+            before = tuned.get(key)
+            tuned[key] = config
+            try:
+                return list(sk.match_tokens(pred, target, validate=False))
+            finally:
+                if before is None:
+                    del tuned[key]
+                else:
+                    tuned[key] = before
+
+        return call
+
     def knopp(scores: torch.Tensor, eps: float) -> Callable[[], list[torch.Tensor]]:
         return lambda: [sk.sinkhorn_knopp(scores, n_iters=3, eps=eps, validate=False)]
 
@@ -73,6 +95,13 @@ def real_calls(device: torch.device) -> list[tuple[str, Callable[[], list[torch.
         ("sinkhorn_match tile 64", match(_uniform((8, 64, 64), device))),
         ("sinkhorn_match loop", match(_uniform((2, 130, 144), device))),
         ("match_tokens", tokens(_normal((32, 16, 64), device), _normal((16, 16, 64), device))),
+        # Three views in groups of four (one masked), Q < T, D not a multiple of the chunk.
+        (
+            "match_tokens per image",
+            tokens_per_image(
+                _normal((12, 13, 40), device), _normal((4, 16, 40), device, 1), (4, 4)
+            ),
+        ),
         ("sinkhorn_knopp resident", knopp(_normal((64, 256), device), 1e-8)),
         ("sinkhorn_knopp resident exact", knopp(_normal((64, 256), device), 0.0)),
         ("sinkhorn_knopp chunked", knopp(_normal((16, wide), device), 0.0)),

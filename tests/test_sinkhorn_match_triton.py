@@ -357,6 +357,142 @@ def test_match_tokens_views_are_close_to_the_target(rng_seed):
     assert torch.equal(index, perm)
 
 
+# ----------------------------------------------------------------------------- match_tokens per image
+
+# images, views, q, t, d, pred dtype, target dtype, contiguous: odd V (masked views in the
+# last group of an image), Q < T, D not a multiple of any chunk, every dtype, mixed dtypes,
+# tiles 16 and 32.
+IMAGE_CASES = [
+    (2, 3, 13, 16, 70, "fp32", "fp32", True),
+    (1, 5, 5, 9, 40, "fp16", "fp16", False),
+    (2, 4, 16, 16, 100, "bf16", "bf16", True),
+    (2, 3, 6, 7, 24, "bf16", "fp32", False),
+    (1, 3, 20, 30, 50, "fp32", "fp32", True),
+]
+
+
+def make_tokens(images, views, q, t, d, pred_dtype, target_dtype, contiguous, device=DEVICE):
+    if contiguous:
+        pred = torch.randn(images * views, q, d, device=device)
+        target = torch.randn(images, t, d, device=device)
+    else:  # token dimension not innermost
+        pred = torch.randn(images * views, d, q, device=device).transpose(1, 2)
+        target = torch.randn(images, d, t, device=device).transpose(1, 2)
+    return pred.to(DTYPES[pred_dtype]), target.to(DTYPES[target_dtype])
+
+
+def tokens_as(monkeypatch, config, pred, target, rounding, eps=0.1, n_iters=5):
+    """sk.match_tokens on the Triton path launched with `config` (views per program,
+    num_warps), as the tuner's choice for this call's key."""
+    monkeypatch.setitem(_triton.TUNED, mt.match_tokens_tune_key(pred, target), config)
+    return sk.match_tokens(pred, target, eps, n_iters, rounding, backend="triton")
+
+
+def token_configs(pred, target):
+    """The launch candidates of this shape: (the untimed per-row default, the per-image ones)."""
+    views = pred.shape[0] // target.shape[0]
+    candidates = mt.match_tokens_candidates(sm.tile_edge(target.shape[1]), views)
+    assert candidates[0][0] == mt.PER_ROW
+    per_image = [c for c in candidates if c[0] != mt.PER_ROW]
+    assert per_image, "no per-image candidate for this shape"
+    return candidates[0], per_image
+
+
+@pytest.mark.parametrize("images,views,q,t,d,pred_dtype,target_dtype,contiguous", IMAGE_CASES)
+def test_match_tokens_per_image_is_bitwise_the_per_row_form(
+    rng_seed, monkeypatch, images, views, q, t, d, pred_dtype, target_dtype, contiguous
+):
+    """Streaming D in the per-row form's chunks, the per-image form does the same arithmetic
+    on every entry: the same plan and index, bit for bit (the interpreter's batched dot keeps
+    each product's order), for every rounding (the greedy one with its K steps too: eps=1,
+    one iteration, flat plans whose argmax repeats columns)."""
+    pred, target = make_tokens(images, views, q, t, d, pred_dtype, target_dtype, contiguous)
+    per_row_chunk = mt.match_tokens_block_d
+    monkeypatch.setattr(mt, "match_tokens_block_d", lambda tile, *_: per_row_chunk(tile))
+    row, per_image = token_configs(pred, target)
+    roundings = [("permutation", 0.1, 5), ("permutation", 1.0, 1), ("argmax", 0.1, 5)]
+    for rounding, eps, n_iters in [*roundings, ("hungarian", 0.1, 5)]:
+        want = tokens_as(monkeypatch, row, pred, target, rounding, eps, n_iters)
+        for config in per_image:
+            got = tokens_as(monkeypatch, config, pred, target, rounding, eps, n_iters)
+            assert torch.equal(got.plan, want.plan), (config, rounding, eps)
+            assert torch.equal(got.index, want.index), (config, rounding, eps)
+
+
+@pytest.mark.parametrize("images,views,q,t,d,pred_dtype,target_dtype,contiguous", IMAGE_CASES)
+def test_match_tokens_every_per_image_candidate(
+    rng_seed, monkeypatch, images, views, q, t, d, pred_dtype, target_dtype, contiguous
+):
+    """Each per-image candidate as the launcher runs it (its own chunk of D: other sums, so
+    the costs' last bits move, by ~1e-5 of the plan at eps = 0.1): the contract's plan, and
+    the per-row form's within 1e-4 with the same index except at a near tie."""
+    pred, target = make_tokens(images, views, q, t, d, pred_dtype, target_dtype, contiguous)
+    row_config, per_image = token_configs(pred, target)
+    row = tokens_as(monkeypatch, row_config, pred, target, "argmax")
+    for config in per_image:
+        monkeypatch.setitem(_triton.TUNED, mt.match_tokens_tune_key(pred, target), config)
+        index, plan = check_tokens(pred, target, 0.1, 5, "permutation")
+        torch.testing.assert_close(plan, row.plan, rtol=1e-4, atol=1e-6)
+        check_index(index, plan, row.plan.cpu(), "permutation", rtol=1e-4, atol=1e-6)
+
+
+def test_match_tokens_candidates_bound_the_per_image_form():
+    """The per-image form only with more than one view, VB below 2 V, at tiles 16 and 32,
+    with a chunk of 16 to 64 and at most 8 pred floats per thread; the default is per-row."""
+    for tile in (16, 32, 64, 128):
+        assert mt.match_tokens_candidates(tile, 1) == [
+            c for c in mt.match_tokens_candidates(tile, 8) if c[0] == mt.PER_ROW
+        ]
+        for views in (1, 2, 3, 8, 16, 40):
+            candidates = mt.match_tokens_candidates(tile, views)
+            assert candidates[0] == (mt.PER_ROW, candidates[0][1])
+            for per_program, warps in candidates:
+                if per_program == mt.PER_ROW:
+                    continue
+                assert tile <= 32 and 2 <= per_program < 2 * views and per_program <= 16
+                chunk = mt.match_tokens_block_d(tile, per_program, warps)
+                assert 16 <= chunk <= 64
+                assert per_program * tile * chunk <= 8 * 32 * warps or chunk == 16
+    assert (8, 8) in mt.match_tokens_candidates(16, 8)
+
+
+def test_eager_outputs_come_from_one_allocation(rng_seed, monkeypatch):
+    """Outside the custom ops, index and plan are contiguous views of one buffer, the index
+    first and the plan from a 256-byte boundary after it; with ONE_OUTPUT_ALLOCATION off, two
+    allocations. Both ways the same results."""
+    cost = make_cost(5, 6, 9, torch.float32, True)
+    wide = make_cost(2, 5, 131, torch.float32, True)  # the loop path
+    pred, target = torch.randn(6, 5, 24, device=DEVICE), torch.randn(2, 7, 24, device=DEVICE)
+    calls = [
+        lambda: sk.sinkhorn_match(cost, backend="triton"),
+        lambda: sk.sinkhorn_match(cost[0], backend="triton"),
+        lambda: sk.sinkhorn_match(wide, rounding="argmax", backend="triton"),
+        lambda: sk.match_tokens(pred, target, backend="triton"),
+    ]
+    for call in calls:
+        index, plan = call()
+        assert index.dtype == torch.int64 and plan.dtype == torch.float32
+        assert index.is_contiguous() and plan.is_contiguous()
+        assert index.untyped_storage().data_ptr() == plan.untyped_storage().data_ptr()
+        offset = plan.data_ptr() - index.untyped_storage().data_ptr()
+        assert offset % sm.OUTPUT_ALIGNMENT == 0 and offset >= index.numel() * 8
+        assert index.data_ptr() == index.untyped_storage().data_ptr()
+        monkeypatch.setattr(sm, "ONE_OUTPUT_ALLOCATION", False)
+        separate = call()
+        monkeypatch.setattr(sm, "ONE_OUTPUT_ALLOCATION", True)
+        assert (
+            separate.index.untyped_storage().data_ptr()
+            != separate.plan.untyped_storage().data_ptr()
+        )
+        assert torch.equal(index, separate.index) and torch.equal(plan, separate.plan)
+    for b, q, t in [(0, 3, 4), (3, 0, 4), (1, 1, 1), (3, 5, 7)]:  # odd sizes and empty ones
+        index, plan = sm.match_outputs(b, q, t, DEVICE)
+        assert index.shape == (b, q) and plan.shape == (b, q, t)
+        plan.fill_(0.5)
+        index.fill_(-1)
+        assert bool((plan == 0.5).all()) and bool((index == -1).all())
+
+
 # ----------------------------------------------------------------------------- backend, ops, compile
 
 
@@ -370,6 +506,13 @@ def test_custom_ops_pass_opcheck(rng_seed):
     torch.library.opcheck(
         torch.ops.stellar_kernels.match_tokens.default, (pred, target, 0.1, 3, "permutation")
     )
+    # Their outputs come from two allocations (a custom op's outputs must not alias), where
+    # the eager path's share one.
+    for index, plan in (
+        torch.ops.stellar_kernels.sinkhorn_match(cost, 0.1, 5, "argmax"),
+        torch.ops.stellar_kernels.match_tokens(pred, target, 0.1, 3, "permutation"),
+    ):
+        assert index.untyped_storage().data_ptr() != plan.untyped_storage().data_ptr()
 
 
 def test_torch_compile_fullgraph(rng_seed):
@@ -432,10 +575,23 @@ def test_gpu_every_candidate_configuration(rng_seed, monkeypatch):
         check_sinkhorn(cost, 0.1, 5, "permutation")
     pred = torch.randn(512, 16, 768, device="cuda")
     target = torch.randn(64, 16, 768, device="cuda")
-    key = _triton.tune_key("match_tokens", cuda, torch.float32, 512, 16, 16, 768, torch.float32)
-    for warps in mt.match_tokens_candidates(16):
-        monkeypatch.setitem(_triton.TUNED, key, warps)
-        check_tokens(pred, target, 0.1, 5, "permutation")
+    key = mt.match_tokens_tune_key(pred, target)
+    assert key == _triton.tune_key(
+        "match_tokens", cuda, torch.float32, 512, 16, 16, 768, 8, torch.float32
+    )
+    monkeypatch.delitem(_triton.TUNED, key, raising=False)
+    sk.match_tokens(pred, target)
+    assert _triton.TUNED[key] in mt.match_tokens_candidates(16, 8)
+    row = None
+    for config in mt.match_tokens_candidates(16, 8):  # the per-row form first
+        monkeypatch.setitem(_triton.TUNED, key, config)
+        index, plan = check_tokens(pred, target, 0.1, 5, "permutation")
+        row = (index, plan) if row is None else row
+        # Each form against the per-row default: other chunks of D and other layouts give
+        # other sums, so float32 costs that differ in their last bits (~1e-3 of a plan entry
+        # at D = 768, eps = 0.1: the tolerance of check_tokens against float64).
+        torch.testing.assert_close(plan, row[1], rtol=2e-3, atol=1e-5)
+        check_index(index, plan, row[1].cpu(), "permutation", rtol=2e-3, atol=1e-5)
     for q, t in [(30, 32), (64, 64), (100, 128)]:
         check_sinkhorn(
             make_cost(64, q, t, torch.float32, True, device="cuda"), 0.1, 5, "permutation"
